@@ -1,0 +1,3 @@
+"""ajepa: A-JEPA self-supervised audio pretraining on Ray."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,327 @@
+"""Typed experiment configuration: dataclasses loaded from YAML, with `a.b=value` overrides.
+
+Every field is validated on load; an unknown key or an out-of-range value raises `ConfigError` naming the
+dotted key and the file it came from, before any Ray or torch work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is unknown, mistyped or out of range."""
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+def _check_range(key: str, pair: tuple[float, float], lo: float, hi: float) -> None:
+    _check(len(pair) == 2 and lo <= pair[0] <= pair[1] <= hi, key,
+           f"must be [min, max] with {lo} <= min <= max <= {hi}, got {list(pair)}")
+
+
+@dataclass
+class AudioConfig:
+    """How audio becomes a spectrogram (method.md §1). Fixed per spectrogram store."""
+
+    sample_rate: int = 16000
+    num_mel_bins: int = 128
+    frame_length_ms: float = 25.0
+    frame_shift_ms: float = 10.0
+    target_frames: int = 128  # frames stored per clip: pad with zeros or crop at 0
+
+    def validate(self, prefix: str = "audio") -> None:
+        _check(self.sample_rate >= 8000, f"{prefix}.sample_rate", f"must be >= 8000, got {self.sample_rate}")
+        _check(self.num_mel_bins >= 16, f"{prefix}.num_mel_bins", f"must be >= 16, got {self.num_mel_bins}")
+        _check(0 < self.frame_shift_ms <= self.frame_length_ms, f"{prefix}.frame_shift_ms",
+               "must be > 0 and <= frame_length_ms")
+        _check(self.target_frames >= 1, f"{prefix}.target_frames", f"must be >= 1, got {self.target_frames}")
+
+
+@dataclass
+class DataConfig:
+    """What training reads from a spectrogram store and how it augments it."""
+
+    store: str = ""  # path of a spectrogram store; empty means the built-in demo store
+    crop_frames: int = 128  # frames fed to the model; random crop in pretraining, crop at 0 in evaluation
+    batch_size: int = 32  # per worker
+    normalize: bool = True  # (x - mean) / (2 * std) with the store's stats
+    roll: bool = True  # random cyclic roll in time
+    gain_db: float = 6.0  # uniform gain jitter in [-gain_db, +gain_db]
+
+    def validate(self, prefix: str = "data") -> None:
+        _check(self.crop_frames >= 1, f"{prefix}.crop_frames", f"must be >= 1, got {self.crop_frames}")
+        _check(self.batch_size >= 1, f"{prefix}.batch_size", f"must be >= 1, got {self.batch_size}")
+        _check(0 <= self.gain_db <= 40, f"{prefix}.gain_db", f"must be in [0, 40], got {self.gain_db}")
+
+
+@dataclass
+class ModelConfig:
+    """ViT context/target encoder and the narrow predictor (method.md §2)."""
+
+    patch_size: int = 16
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    pred_dim: int = 512
+    pred_depth: int = 16
+    pred_heads: int = 16
+    drop_path: float = 0.0
+    loss: str = "mse"  # "mse" (paper) or "smooth_l1" (I-JEPA code)
+
+    def validate(self, prefix: str = "model") -> None:
+        for name in ("patch_size", "embed_dim", "depth", "num_heads", "pred_dim", "pred_depth", "pred_heads"):
+            value = getattr(self, name)
+            _check(value >= 1, f"{prefix}.{name}", f"must be >= 1, got {value}")
+        _check(self.embed_dim % self.num_heads == 0, f"{prefix}.num_heads",
+               f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+        _check(self.pred_dim % self.pred_heads == 0, f"{prefix}.pred_heads",
+               f"pred_dim {self.pred_dim} is not divisible by pred_heads {self.pred_heads}")
+        _check(self.embed_dim % 4 == 0 and self.pred_dim % 4 == 0, f"{prefix}.embed_dim",
+               "embed_dim and pred_dim must be divisible by 4 (2-D sin-cos positions)")
+        _check(self.mlp_ratio > 0, f"{prefix}.mlp_ratio", f"must be > 0, got {self.mlp_ratio}")
+        _check(0 <= self.drop_path < 1, f"{prefix}.drop_path", f"must be in [0, 1), got {self.drop_path}")
+        _check(self.loss in ("mse", "smooth_l1"), f"{prefix}.loss", f"must be mse or smooth_l1, got {self.loss!r}")
+
+
+MASK_SCHEDULES = ("curriculum", "rb", "tf", "mixture", "inverse", "random")
+
+
+@dataclass
+class MaskConfig:
+    """Mask families and the schedule that mixes them (method.md §3). Scales are fractions of all patches."""
+
+    schedule: str = "curriculum"
+    c0: float = 0.01  # curriculum competence at step 0
+    mixture_tf_prob: float = 0.5  # P(TF) for the constant "mixture" schedule
+    min_keep: int = 10  # fewest context patches
+    context_scale: tuple[float, float] = (0.85, 1.0)
+    rb_num_targets: int = 4
+    rb_target_scale: tuple[float, float] = (0.15, 0.2)
+    rb_aspect_ratio: tuple[float, float] = (0.75, 1.5)
+    tf_num_targets: int = 3
+    tf_target_scale: tuple[float, float] = (0.05, 0.075)
+    tf_time_stripe_prob: float = 0.5  # else a frequency band
+    tf_band_rows: tuple[int, int] = (1, 2)  # frequency rows of a band
+    random_target_ratio: float = 0.5  # unstructured masking: fraction of patches that are targets
+
+    def validate(self, prefix: str = "mask") -> None:
+        _check(self.schedule in MASK_SCHEDULES, f"{prefix}.schedule",
+               f"must be one of {', '.join(MASK_SCHEDULES)}, got {self.schedule!r}")
+        _check(0 < self.c0 <= 1, f"{prefix}.c0", f"must be in (0, 1], got {self.c0}")
+        _check(0 <= self.mixture_tf_prob <= 1, f"{prefix}.mixture_tf_prob", "must be in [0, 1]")
+        _check(self.min_keep >= 1, f"{prefix}.min_keep", f"must be >= 1, got {self.min_keep}")
+        _check_range(f"{prefix}.context_scale", self.context_scale, 0.0, 1.0)
+        _check(self.rb_num_targets >= 1, f"{prefix}.rb_num_targets", "must be >= 1")
+        _check_range(f"{prefix}.rb_target_scale", self.rb_target_scale, 0.0, 1.0)
+        _check_range(f"{prefix}.rb_aspect_ratio", self.rb_aspect_ratio, 1e-3, 1e3)
+        _check(self.tf_num_targets >= 1, f"{prefix}.tf_num_targets", "must be >= 1")
+        _check_range(f"{prefix}.tf_target_scale", self.tf_target_scale, 0.0, 1.0)
+        _check(0 <= self.tf_time_stripe_prob <= 1, f"{prefix}.tf_time_stripe_prob", "must be in [0, 1]")
+        _check_range(f"{prefix}.tf_band_rows", self.tf_band_rows, 1, 10_000)
+        _check(0 < self.random_target_ratio < 1, f"{prefix}.random_target_ratio", "must be in (0, 1)")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and the schedules driven by the global step (method.md §4)."""
+
+    steps: int = 1000  # total optimizer steps; every schedule is scaled to it
+    lr: float = 2e-4
+    warmup_fraction: float = 0.125  # of steps; ~3 of 24 epochs in the paper
+    warmup_start_factor: float = 0.2
+    final_lr: float = 1e-6
+    weight_decay: tuple[float, float] = (0.04, 0.4)  # cosine from first to second
+    ema_momentum: tuple[float, float] = (0.996, 1.0)  # linear from first to second
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_accum: int = 1
+    clip_grad: float = 0.0  # 0 disables (the paper clips nothing)
+
+    def validate(self, prefix: str = "optim") -> None:
+        _check(self.steps >= 1, f"{prefix}.steps", f"must be >= 1, got {self.steps}")
+        _check(self.lr > 0, f"{prefix}.lr", f"must be > 0, got {self.lr}")
+        _check(0 <= self.warmup_fraction < 1, f"{prefix}.warmup_fraction", "must be in [0, 1)")
+        _check(0 < self.warmup_start_factor <= 1, f"{prefix}.warmup_start_factor", "must be in (0, 1]")
+        _check(0 <= self.final_lr <= self.lr, f"{prefix}.final_lr", "must be in [0, lr]")
+        _check(all(w >= 0 for w in self.weight_decay), f"{prefix}.weight_decay", "must be >= 0")
+        _check_range(f"{prefix}.ema_momentum", self.ema_momentum, 0.0, 1.0)
+        _check(all(0 <= b < 1 for b in self.betas), f"{prefix}.betas", "must be in [0, 1)")
+        _check(self.grad_accum >= 1, f"{prefix}.grad_accum", "must be >= 1")
+        _check(self.clip_grad >= 0, f"{prefix}.clip_grad", "must be >= 0")
+
+
+@dataclass
+class RunConfig:
+    """Where a run writes, how it is spread over Ray workers and how it reports."""
+
+    name: str = ""  # empty: generated, unique per run
+    out_dir: str = "runs"
+    seed: int = 0
+    workers: int = 1
+    gpus_per_worker: float = 0.0
+    cpus_per_worker: float = 1.0
+    checkpoint_every: int = 100
+    log_every: int = 10
+    max_failures: int = 0
+    experiment: str = "ajepa"  # MLflow experiment name
+
+    def validate(self, prefix: str = "run") -> None:
+        _check(self.workers >= 0, f"{prefix}.workers", f"must be >= 0 (0 runs in-process), got {self.workers}")
+        _check(self.gpus_per_worker >= 0, f"{prefix}.gpus_per_worker", "must be >= 0")
+        _check(self.cpus_per_worker > 0, f"{prefix}.cpus_per_worker", "must be > 0")
+        _check(self.checkpoint_every >= 1, f"{prefix}.checkpoint_every", "must be >= 1")
+        _check(self.log_every >= 1, f"{prefix}.log_every", "must be >= 1")
+        _check(self.max_failures >= -1, f"{prefix}.max_failures", "must be >= -1 (-1: unlimited)")
+
+
+@dataclass
+class Config:
+    audio: AudioConfig = field(default_factory=AudioConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def validate(self) -> None:
+        for f in dataclasses.fields(self):
+            getattr(self, f.name).validate(f.name)
+        patch = self.model.patch_size
+        _check(self.audio.num_mel_bins % patch == 0, "model.patch_size",
+               f"num_mel_bins {self.audio.num_mel_bins} is not divisible by patch_size {patch}")
+        _check(self.data.crop_frames % patch == 0, "data.crop_frames",
+               f"{self.data.crop_frames} is not divisible by model.patch_size {patch}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """`section.key -> value`, e.g. for MLflow params."""
+        return {f"{s}.{k}": v for s, sec in self.to_dict().items() for k, v in sec.items()}
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Turn a YAML value into the field's declared type, or raise naming the key."""
+    hint = annotation
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None:
+            return None
+        hint, origin = args[0], typing.get_origin(args[0])
+    if origin is tuple:
+        item_types = typing.get_args(hint)
+        if not isinstance(value, (list, tuple)) or len(value) != len(item_types):
+            raise ConfigError(f"{key}: expected a list of {len(item_types)} values, got {value!r}")
+        return tuple(_coerce(v, t, key) for v, t in zip(value, item_types, strict=True))
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported field type {hint!r}")
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(f"unknown key {where}{unknown[0]} (known: {', '.join(sorted(names))})")
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else name
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value or {}, key)
+        else:
+            kwargs[name] = _coerce(value, hint, key)
+    return cls(**kwargs)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`optim.lr=1e-3` -> (["optim", "lr"], 0.001). Values are parsed as YAML scalars or lists."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected section.key=value")
+    key, raw = item.split("=", 1)
+    parts = key.strip().split(".")
+    if len(parts) != 2 or not all(parts):
+        raise ConfigError(f"override {item!r}: key must be section.key, e.g. optim.lr")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {item!r}: value is not valid YAML ({exc})") from None
+    # YAML 1.1 reads "1e-3" as a string; numbers in scientific notation are common in overrides.
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    return parts, value
+
+
+def config_from_dict(data: dict[str, Any], overrides: list[str] = (), source: str = "<dict>") -> Config:
+    merged = {k: dict(v) if isinstance(v, dict) else v for k, v in (data or {}).items()}
+    try:
+        for item in overrides:
+            (section, name), value = parse_override(item)
+            if not isinstance(merged.setdefault(section, {}), dict):
+                raise ConfigError(f"override {item!r}: {section} is not a section")
+            merged[section][name] = value
+        cfg = _build(Config, merged, "")
+        cfg.validate()
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Load a YAML config (None: the built-in defaults) and apply `section.key=value` overrides."""
+    if path is None:
+        return config_from_dict({}, overrides, source="defaults")
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config ({exc.strerror})") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    return config_from_dict(data, overrides, source=str(path))
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    def plain(obj: Any) -> Any:
+        if isinstance(obj, dict):
+            return {k: plain(v) for k, v in obj.items()}
+        if isinstance(obj, tuple):
+            return [plain(v) for v in obj]
+        return obj
+
+    Path(path).write_text(yaml.safe_dump(plain(cfg.to_dict()), sort_keys=False))

@@ -1,0 +1,378 @@
+"""The spectrogram store: Ray Data turns audio files into sharded Parquet once; training streams it back.
+
+Store layout (a folder on any filesystem the cluster shares):
+
+    split=train/*.parquet   id, path, label, [extra manifest columns], fbank (tensor, float16, T x F),
+    split=val/*.parquet     n_frames, frame_sum, frame_sumsq (over real frames, for the stats)
+    split=test/*.parquet
+    stats.json              audio config, mean/std over real frames, classes, counts per split, failures
+    failures.csv            path,reason for every input that could not become a spectrogram
+
+This module is the only place that builds Ray Datasets.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+
+from ajepa.audio import AudioError, spectrogram_from_bytes
+from ajepa.config import AudioConfig
+
+AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".mp3", ".aiff", ".aif", ".au", ".w64", ".caf")
+SPLITS = ("train", "val", "test")
+MANIFEST_RESERVED = ("id", "fbank", "n_frames", "frame_sum", "frame_sumsq", "status", "reason")
+STORE_VERSION = 1
+ROWS_PER_TASK = 16  # small tasks spread decode over every CPU; shards are merged at write time
+ROWS_PER_SHARD = 1024
+
+
+class StoreError(RuntimeError):
+    """The store cannot be built or read; the message names the input, file or field."""
+
+
+@dataclass(frozen=True)
+class Clip:
+    path: str  # absolute path read by the workers
+    rel: str  # path as the user named it (relative to the input folder or manifest)
+    label: str
+    split: str
+    extra: dict[str, str]
+
+
+@dataclass
+class StoreSummary:
+    out: Path
+    written: int
+    failed: int
+    counts: dict[str, int]
+    classes: list[str]
+    mean: float
+    std: float
+
+    def line(self) -> str:
+        splits = ", ".join(f"{k} {v}" for k, v in self.counts.items())
+        return f"{self.written} clips written, {self.failed} failed ({splits}) -> {self.out}"
+
+
+# ---------------------------------------------------------------------------------------------- listing
+
+
+def hash_split(key: str, ratios: tuple[float, float, float] = (0.8, 0.1, 0.1)) -> str:
+    """Deterministic split from a stable hash, so re-builds and new files never move old clips."""
+    u = int(hashlib.sha1(key.encode()).hexdigest()[:12], 16) / 16**12
+    return "train" if u < ratios[0] else "val" if u < ratios[0] + ratios[1] else "test"
+
+
+def list_folder(root: Path) -> list[Clip]:
+    """Audio files under `root`; the label is the first sub-folder's name ('' for files at the top)."""
+    clips = []
+    # os.walk does not follow symlinked folders, so a symlink loop cannot trap it; a file symlink that
+    # loops is listed and then fails to read, which failures.csv records.
+    for folder, dirs, files in os.walk(root, onerror=None):
+        dirs.sort()
+        for name in sorted(files):
+            if not name.lower().endswith(AUDIO_EXTENSIONS):
+                continue
+            full = Path(folder) / name
+            rel = full.relative_to(root).as_posix()
+            label = rel.split("/", 1)[0] if "/" in rel else ""
+            clips.append(Clip(str(full), rel, label, hash_split(rel), {}))
+    return clips
+
+
+def read_manifest(manifest: Path) -> list[Clip]:
+    """CSV with columns path,label[,split] and any extra columns (kept as strings). Relative paths are
+    resolved against the manifest's folder. Multi-label rows use `a;b` in the label."""
+    try:
+        with manifest.open(newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            fields = reader.fieldnames or []
+            missing = [c for c in ("path", "label") if c not in fields]
+            if missing:
+                raise StoreError(f"{manifest}: missing column(s) {', '.join(missing)} (header: {fields})")
+            reserved = [c for c in fields if c in MANIFEST_RESERVED]
+            if reserved:
+                raise StoreError(f"{manifest}: column name(s) {', '.join(reserved)} are reserved by the store")
+            rows = list(reader)
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise StoreError(f"{manifest}: cannot read manifest ({exc})") from None
+    clips = []
+    seen: set[str] = set()
+    for line, row in enumerate(rows, start=2):
+        rel = (row.get("path") or "").strip()
+        if not rel:
+            raise StoreError(f"{manifest}:{line}: empty path")
+        if rel in seen:
+            raise StoreError(f"{manifest}:{line}: duplicate path {rel!r}")
+        seen.add(rel)
+        split = (row.get("split") or "").strip() or hash_split(rel)
+        if split not in SPLITS:
+            raise StoreError(f"{manifest}:{line}: split must be one of {', '.join(SPLITS)}, got {split!r}")
+        full = Path(rel) if os.path.isabs(rel) else manifest.parent / rel
+        extra = {k: (v or "") for k, v in row.items() if k not in ("path", "label", "split") and k}
+        clips.append(Clip(str(full), rel, (row.get("label") or "").strip(), split, extra))
+    return clips
+
+
+def list_inputs(source: Path) -> list[Clip]:
+    if source.is_dir():
+        return list_folder(source)
+    if source.is_file() and source.suffix.lower() == ".csv":
+        return read_manifest(source)
+    if source.exists():
+        raise StoreError(f"{source}: input must be a folder of audio files or a .csv manifest")
+    raise StoreError(f"{source}: input does not exist")
+
+
+# --------------------------------------------------------------------------------------------- building
+
+
+def clip_id(rel: str) -> str:
+    return hashlib.sha1(rel.encode()).hexdigest()[:16]
+
+
+def _read_bytes(path: str) -> bytes:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read()
+    except OSError as exc:
+        raise AudioError(f"unreadable: {exc.strerror or exc}") from None
+
+
+def process_batch(batch: dict[str, np.ndarray], cfg: AudioConfig) -> dict[str, np.ndarray]:
+    """Ray Data map_batches function: every input row comes out, with status 'ok' or 'failed' + reason.
+
+    Failed rows carry an all-zero fbank so the batch keeps one schema; Parquet compresses it to almost
+    nothing and the build moves failed rows to failures.csv.
+    """
+    import torch
+
+    torch.set_num_threads(1)  # one task per CPU: threads inside a task would only contend
+    n = len(batch["path"])
+    fbanks = np.zeros((n, cfg.target_frames, cfg.num_mel_bins), dtype=np.float16)
+    n_frames = np.zeros(n, dtype=np.int32)
+    sums = np.zeros(n, dtype=np.float64)
+    sumsqs = np.zeros(n, dtype=np.float64)
+    status = np.full(n, "ok", dtype=object)
+    reasons = np.full(n, "", dtype=object)
+    for i, path in enumerate(batch["path"]):
+        try:
+            spec = spectrogram_from_bytes(_read_bytes(str(path)), cfg)
+        except AudioError as exc:
+            status[i], reasons[i] = "failed", str(exc)
+            continue
+        real = spec.fbank[: spec.n_frames].double()
+        fbanks[i] = spec.fbank.numpy().astype(np.float16)
+        n_frames[i] = spec.n_frames
+        sums[i] = real.sum().item()
+        sumsqs[i] = real.square().sum().item()
+    out = {k: v for k, v in batch.items() if k != "path"}
+    out.update(path=batch["rel"], fbank=fbanks, n_frames=n_frames, frame_sum=sums, frame_sumsq=sumsqs,
+               status=status, reason=reasons)
+    del out["rel"]
+    return out
+
+
+def _staging_dir(out: Path) -> Path:
+    return out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+
+
+def build_store(source: str | Path, out: str | Path, cfg: AudioConfig, *, overwrite: bool = False) -> StoreSummary:
+    """Build a spectrogram store from a folder or a CSV manifest with Ray Data.
+
+    Written to a hidden staging folder beside `out` and renamed at the end: a crash leaves no half store,
+    and an existing store is only replaced (with `overwrite`) once the new one is complete.
+    """
+    import ray
+
+    from ajepa.runtime import init_ray
+
+    source, out = Path(source).expanduser(), Path(out).expanduser().absolute()
+    if out.exists() and not overwrite:
+        raise StoreError(f"{out}: already exists; pass --overwrite to replace it")
+    clips = list_inputs(source)
+    if not clips:
+        raise StoreError(f"{source}: no audio files found (extensions: {' '.join(AUDIO_EXTENSIONS)})")
+    extra_keys = sorted({k for c in clips for k in c.extra})
+    rows = [
+        {"id": clip_id(c.rel), "path": c.path, "rel": c.rel, "label": c.label, "split": c.split,
+         **{k: c.extra.get(k, "") for k in extra_keys}}
+        for c in clips
+    ]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    init_ray()  # only now: bad input is reported without waiting for a cluster
+    staging = _staging_dir(out)
+    try:
+        ds = ray.data.from_items(rows, override_num_blocks=math.ceil(len(rows) / ROWS_PER_TASK))
+        ds = ds.map_batches(process_batch, fn_kwargs={"cfg": cfg}, batch_size=ROWS_PER_TASK,
+                            batch_format="numpy")
+        ds.write_parquet(str(staging / "rows"), partition_cols=["status", "split"],
+                         min_rows_per_file=ROWS_PER_SHARD)
+        summary = _finalise(staging, out, cfg, source, overwrite)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return summary
+
+
+def _read_partition(folder: Path, columns: list[str]) -> pa.Table:
+    if not folder.exists():
+        return pa.table({c: pa.array([], pa.string()) for c in columns})
+    return pads.dataset(folder, format="parquet", partitioning="hive").to_table(columns=columns)
+
+
+def _finalise(staging: Path, out: Path, cfg: AudioConfig, source: Path, overwrite: bool) -> StoreSummary:
+    rows = staging / "rows"
+    failed = _read_partition(rows / "status=failed", ["path", "reason"]).to_pylist()
+    ok = rows / "status=ok"
+    if not ok.exists():
+        raise StoreError(f"{source}: every one of {len(failed)} audio files failed; first: "
+                         f"{failed[0]['path']}: {failed[0]['reason']}")
+    store = staging / "store"
+    ok.rename(store)
+    meta = _read_partition(store, ["label", "split", "n_frames", "frame_sum", "frame_sumsq"])
+    with (store / "failures.csv").open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["path", "reason"])
+        writer.writerows(sorted((r["path"], r["reason"]) for r in failed))
+    stats = _stats(meta, cfg, len(failed), source)
+    (store / "stats.json").write_text(json.dumps(stats, indent=2))
+    if out.exists() and overwrite:
+        old = _staging_dir(out)
+        out.rename(old)
+        store.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        store.rename(out)
+    return StoreSummary(out, meta.num_rows, len(failed), stats["counts"], stats["classes"], stats["mean"], stats["std"])
+
+
+def _stats(meta: pa.Table, cfg: AudioConfig, failed: int, source: Path) -> dict[str, Any]:
+    cols = meta.to_pydict()
+    values = float(np.sum(cols["n_frames"], dtype=np.float64)) * cfg.num_mel_bins
+    total = float(np.sum(cols["frame_sum"]))
+    mean = total / values
+    var = max(float(np.sum(cols["frame_sumsq"])) / values - mean * mean, 0.0)
+    classes = sorted({lab for label in cols["label"] for lab in label.split(";") if lab})
+    counts = {s: int(sum(1 for x in cols["split"] if x == s)) for s in SPLITS}
+    return {
+        "version": STORE_VERSION,
+        "source": str(source.absolute()),
+        "audio": dataclasses.asdict(cfg),
+        "mean": mean,
+        "std": math.sqrt(var),
+        "classes": classes,
+        "counts": counts,
+        "clips": meta.num_rows,
+        "failed": failed,
+        "frames_mean": float(np.mean(cols["n_frames"])),
+    }
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+
+def read_stats(store: str | Path) -> dict[str, Any]:
+    path = Path(store) / "stats.json"
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise StoreError(f"{store}: not a spectrogram store (no stats.json); build one with "
+                         "jobs/prepare_data.py") from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise StoreError(f"{path}: unreadable ({exc})") from None
+
+
+def _split_dirs(store: Path, split: str | None) -> list[str]:
+    splits = SPLITS if split is None else (split,)
+    if split is not None and split not in SPLITS:
+        raise StoreError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    return [str(store / f"split={s}") for s in splits if (store / f"split={s}").exists()]
+
+
+def read_store(store: str | Path, split: str | None = "train", columns: list[str] | None = None):
+    """A Ray Dataset over one split (or all with split=None) of the store, for training shards."""
+    import ray
+
+    store = Path(store)
+    read_stats(store)
+    paths = _split_dirs(store, split)
+    if not paths:
+        raise StoreError(f"{store}: has no rows in split {split!r}")
+    return ray.data.read_parquet(paths, columns=columns)
+
+
+@dataclass
+class StoreArrays:
+    """A split held in memory: for tests, evaluation probes and benchmarks."""
+
+    ids: list[str]
+    labels: list[str]
+    fbank: np.ndarray  # (N, T, F) float16
+    n_frames: np.ndarray
+    extra: dict[str, list[Any]]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def load_store(store: str | Path, split: str | None = None, limit: int | None = None) -> StoreArrays:
+    """Read a split (None: all) into memory with pyarrow, no Ray: for the small sets probes and tests use."""
+    store = Path(store)
+    audio = read_stats(store)["audio"]
+    tables = []
+    for path in _split_dirs(store, split):
+        files = sorted(str(f) for f in Path(path).glob("*.parquet"))
+        table = pads.dataset(files, format="parquet").to_table()
+        tables.append(table.append_column("split", pa.array([path.rsplit("=", 1)[1]] * table.num_rows)))
+    if not tables:
+        raise StoreError(f"{store}: has no rows in split {split!r}")
+    table = pa.concat_tables(tables, promote_options="default")
+    if limit is not None:
+        table = table.slice(0, limit)
+    # Without Ray's tensor extension registered, pyarrow yields flat rows: restore the stored shape.
+    flat = np.stack(table.column("fbank").to_numpy(zero_copy_only=False))
+    fbank = flat.reshape(table.num_rows, audio["target_frames"], audio["num_mel_bins"]).astype(np.float16)
+    skip = {"id", "label", "fbank", "n_frames", "frame_sum", "frame_sumsq", "reason"}
+    extra = {c: table.column(c).to_pylist() for c in table.column_names if c not in skip}
+    return StoreArrays(table.column("id").to_pylist(), table.column("label").to_pylist(), fbank,
+                       table.column("n_frames").to_numpy(), extra)
+
+
+# ------------------------------------------------------------------------------------------ demo store
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("AJEPA_CACHE", "~/.cache/ajepa")).expanduser()
+
+
+def demo_manifest() -> Path:
+    """The built-in demo audio (instrument notes), rendered once into the cache."""
+    from ajepa.demo_data import build_demo_audio, check_demo_tools
+
+    check_demo_tools()
+    return build_demo_audio(cache_dir() / "demo-audio")
+
+
+def demo_store(cfg: AudioConfig) -> tuple[Path, StoreSummary | None]:
+    """The demo spectrogram store for this audio config, built on first use and cached after.
+
+    Returns the store and, when it was built now, its summary."""
+    out = cache_dir() / f"demo-store-{cfg.target_frames}f"
+    if (out / "stats.json").exists() and read_stats(out).get("audio") == dataclasses.asdict(cfg):
+        return out, None
+    summary = build_store(demo_manifest(), out, cfg, overwrite=True)
+    return out, summary

@@ -1,0 +1,169 @@
+"""ViT encoder and narrow predictor over 16x16 patches of a (time x mel) spectrogram (method.md §1-2).
+
+Conventions: a spectrogram batch is (B, T, F) or (B, 1, T, F); its patch grid is (Tp, Fp) = (T/16, F/16) and
+patch (t, f) has flat index t * Fp + f (a Conv2d output (B, D, Tp, Fp) flattened row-major). Because Fp is
+fixed, the first Tp * Fp rows of a position table built for more time patches are exactly the positions of
+a shorter input, so every module builds one table for `max_frames` and indexes into it.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import torch
+from timm.models.vision_transformer import Block
+from torch import Tensor, nn
+
+from ajepa.config import ModelConfig
+
+# timm's default LayerNorm eps is already 1e-6; spelled out because method.md fixes it.
+_norm_layer = partial(nn.LayerNorm, eps=1e-6)
+
+
+def _sincos_1d(dim: int, pos: Tensor) -> Tensor:
+    """(N,) positions -> (N, dim): sines in the first half of the channels, cosines in the second."""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2))
+    angles = pos.to(torch.float64)[:, None] * omega[None, :]
+    return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+
+def sincos_pos_embed_2d(dim: int, grid_t: int, grid_f: int) -> Tensor:
+    """Fixed 2-D sine-cosine positions, (grid_t * grid_f, dim), row t * grid_f + f for patch (t, f).
+
+    The first dim/2 channels encode the time index, the last dim/2 the frequency index.
+    """
+    if dim % 4:
+        raise ValueError(f"dim must be divisible by 4 for 2-D sin-cos positions, got {dim}")
+    t, f = torch.meshgrid(torch.arange(grid_t), torch.arange(grid_f), indexing="ij")
+    emb = torch.cat([_sincos_1d(dim // 2, t.flatten()), _sincos_1d(dim // 2, f.flatten())], dim=1)
+    return emb.float()
+
+
+def apply_masks(x: Tensor, idx: Tensor) -> Tensor:
+    """Gather tokens x (B, N, D) at indices idx (B, M) -> (B, M, D)."""
+    return torch.gather(x, 1, idx.unsqueeze(-1).expand(-1, -1, x.size(-1)))
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping square patches of a one-channel spectrogram -> (B, Tp * Fp, D) tokens."""
+
+    def __init__(self, embed_dim: int, patch_size: int = 16):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(1, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() == 3:
+            x = x.unsqueeze(1)
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+def _make_blocks(dim: int, depth: int, num_heads: int, mlp_ratio: float, drop_path: float) -> nn.ModuleList:
+    # timm's Block is pre-norm and calls F.scaled_dot_product_attention with the attn_mask it is given.
+    rates = torch.linspace(0, drop_path, depth).tolist()
+    return nn.ModuleList(
+        Block(dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=True, drop_path=rate, norm_layer=_norm_layer)
+        for rate in rates
+    )
+
+
+def _init_weights(module: nn.Module) -> None:
+    if isinstance(module, (nn.Linear, nn.Conv2d)):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+def _rescale_residuals(blocks: nn.ModuleList) -> None:
+    # Keeps the residual stream's variance from growing with depth (I-JEPA / BEiT "fix_init_weight").
+    for layer_id, block in enumerate(blocks, start=1):
+        scale = 1.0 / math.sqrt(2.0 * layer_id)
+        block.attn.proj.weight.data.mul_(scale)
+        block.mlp.fc2.weight.data.mul_(scale)
+
+
+def _key_attn_mask(key_mask: Tensor) -> Tensor:
+    """(B, N) True = hidden key -> SDPA boolean mask (B, 1, 1, N), where True means "may attend"."""
+    return ~key_mask[:, None, None, :]
+
+
+class VisionTransformer(nn.Module):
+    """Pre-norm ViT encoder without class token; returns all (or the kept) patch tokens after a LayerNorm."""
+
+    def __init__(self, cfg: ModelConfig, num_mel_bins: int = 128, max_frames: int = 1024):
+        super().__init__()
+        p = cfg.patch_size
+        self.embed_dim = cfg.embed_dim
+        self.depth = cfg.depth
+        self.grid_f = num_mel_bins // p
+        self.max_grid_t = max_frames // p
+        self.patch_embed = PatchEmbed(cfg.embed_dim, p)
+        self.register_buffer(
+            "pos_embed", sincos_pos_embed_2d(cfg.embed_dim, self.max_grid_t, self.grid_f), persistent=False
+        )
+        self.blocks = _make_blocks(cfg.embed_dim, cfg.depth, cfg.num_heads, cfg.mlp_ratio, cfg.drop_path)
+        self.norm = _norm_layer(cfg.embed_dim)
+        self.apply(_init_weights)
+        _rescale_residuals(self.blocks)
+
+    def forward(self, x: Tensor, keep: Tensor | None = None, key_mask: Tensor | None = None) -> Tensor:
+        """x (B, T, F) or (B, 1, T, F) -> (B, N, D), N = Tp * Fp, or (B, M, D) for `keep` indices (B, M).
+
+        key_mask: boolean over the encoded tokens (after `keep`), True = hidden as a key for every query
+        (including itself); (B, N) applies to every layer, (depth, B, N) gives one mask per layer. Each query
+        needs at least one visible key, otherwise its attention output is NaN.
+        """
+        x = self.patch_embed(x)
+        n = x.size(1)
+        if n > self.pos_embed.size(0):
+            raise ValueError(f"{n} patches exceed the position table ({self.max_grid_t} time patches)")
+        x = x + self.pos_embed[:n]
+        if keep is not None:
+            x = apply_masks(x, keep)
+        masks: list[Tensor | None] = [None] * self.depth
+        if key_mask is not None:
+            if key_mask.dim() == 2:
+                masks = [_key_attn_mask(key_mask)] * self.depth
+            else:
+                masks = [_key_attn_mask(m) for m in key_mask.unbind(0)]
+        for block, mask in zip(self.blocks, masks, strict=True):
+            x = block(x, attn_mask=mask)
+        return self.norm(x)
+
+
+class Predictor(nn.Module):
+    """Narrow transformer that predicts target-encoder features at target positions from context tokens."""
+
+    def __init__(self, cfg: ModelConfig, num_mel_bins: int = 128, max_frames: int = 1024):
+        super().__init__()
+        p = cfg.patch_size
+        self.embed = nn.Linear(cfg.embed_dim, cfg.pred_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.pred_dim))
+        self.register_buffer(
+            "pos_embed", sincos_pos_embed_2d(cfg.pred_dim, max_frames // p, num_mel_bins // p), persistent=False
+        )
+        self.blocks = _make_blocks(cfg.pred_dim, cfg.pred_depth, cfg.pred_heads, cfg.mlp_ratio, cfg.drop_path)
+        self.norm = _norm_layer(cfg.pred_dim)
+        self.proj = nn.Linear(cfg.pred_dim, cfg.embed_dim)
+        self.apply(_init_weights)
+        nn.init.trunc_normal_(self.mask_token, std=0.02)
+        _rescale_residuals(self.blocks)
+
+    def forward(self, ctx: Tensor, ctx_idx: Tensor, tgt_idx: Tensor) -> Tensor:
+        """ctx (B, Nc, D) at patch indices ctx_idx (B, Nc); tgt_idx (B, K, Nt) -> predictions (B, K, Nt, D)."""
+        b, k, nt = tgt_idx.shape
+        nc = ctx.size(1)
+        x = self.embed(ctx) + self.pos_embed[ctx_idx]
+        # All K target blocks in one pass: block j of the batch lives in rows j*B .. (j+1)*B - 1.
+        x = x.repeat(k, 1, 1)
+        tgt = tgt_idx.transpose(0, 1).reshape(k * b, nt)
+        queries = self.mask_token + self.pos_embed[tgt]
+        x = torch.cat([x, queries], dim=1)
+        for block in self.blocks:
+            x = block(x)
+        x = self.proj(self.norm(x[:, nc:]))
+        return x.view(k, b, nt, -1).transpose(0, 1)

@@ -1,0 +1,71 @@
+import pytest
+from ajepa.config import Config, ConfigError, load_config, save_config
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path, text):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_are_valid_and_match_the_paper():
+    cfg = load_config()
+    assert (cfg.model.embed_dim, cfg.model.depth, cfg.model.num_heads) == (768, 12, 12)
+    assert (cfg.model.pred_dim, cfg.model.pred_depth, cfg.model.pred_heads) == (512, 16, 16)
+    assert cfg.optim.lr == 2e-4 and cfg.optim.ema_momentum == (0.996, 1.0)
+    assert cfg.audio.num_mel_bins == 128 and cfg.mask.schedule == "curriculum"
+
+
+def test_yaml_and_overrides(tmp_path):
+    path = write(tmp_path, "model:\n  embed_dim: 192\n  depth: 4\n  num_heads: 3\noptim:\n  lr: 1.0e-3\n")
+    cfg = load_config(path, ["optim.lr=5e-4", "mask.rb_target_scale=[0.1, 0.2]", "run.name=abc"])
+    assert cfg.model.embed_dim == 192 and cfg.model.depth == 4
+    assert cfg.optim.lr == 5e-4
+    assert cfg.mask.rb_target_scale == (0.1, 0.2)
+    assert cfg.run.name == "abc"
+
+
+@pytest.mark.parametrize(
+    "text, overrides, fragment",
+    [
+        ("model:\n  embed_dims: 3\n", [], "unknown key model.embed_dims"),
+        ("modle:\n  depth: 3\n", [], "unknown key modle"),
+        ("", ["optim.lr=-1"], "optim.lr: must be > 0"),
+        ("", ["mask.schedule=spiral"], "mask.schedule"),
+        ("", ["model.num_heads=5"], "model.num_heads"),
+        ("", ["model.depth=two"], "model.depth: expected an integer"),
+        ("", ["data.normalize=1"], "data.normalize: expected true or false"),
+        ("", ["mask.rb_target_scale=[0.3, 0.1]"], "mask.rb_target_scale"),
+        ("", ["mask.rb_target_scale=0.2"], "mask.rb_target_scale: expected a list of 2"),
+        ("", ["data.crop_frames=100"], "data.crop_frames"),
+        ("", ["lr=1"], "key must be section.key"),
+        ("", ["optim.lr"], "expected section.key=value"),
+    ],
+)
+def test_bad_values_name_the_key_and_the_file(tmp_path, text, overrides, fragment):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path, overrides)
+    assert fragment in str(err.value)
+    assert str(path) in str(err.value)
+
+
+def test_unreadable_and_invalid_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read config"):
+        load_config(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write(tmp_path, "model: [\n"))
+
+
+def test_save_and_reload_round_trip(tmp_path):
+    cfg = load_config(None, ["optim.steps=77", "mask.schedule=inverse"])
+    save_config(cfg, tmp_path / "saved.yaml")
+    assert load_config(tmp_path / "saved.yaml") == cfg
+    assert cfg.flat()["optim.steps"] == 77
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
+def test_shipped_configs_load(name):
+    assert isinstance(load_config(ROOT / "configs" / name), Config)

@@ -1,0 +1,225 @@
+"""ViT encoder, predictor and A-JEPA wrapper on a tiny model (CPU, seconds)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from ajepa.config import ModelConfig
+from ajepa.models.ajepa import AJEPA, flops_per_sample, jepa_loss
+from ajepa.models.vit import Predictor, VisionTransformer, apply_masks, sincos_pos_embed_2d
+from torch import nn
+
+TINY = ModelConfig(embed_dim=192, depth=2, num_heads=3, pred_dim=64, pred_depth=2, pred_heads=4)
+
+
+def make_masks(b: int, grid: int, n_ctx: int, k: int, n_tgt: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """Disjoint random context (B, n_ctx) and target (B, K, n_tgt) index sets."""
+    gen = torch.Generator().manual_seed(seed)
+    perms = torch.stack([torch.randperm(grid, generator=gen) for _ in range(b)])
+    ctx = perms[:, :n_ctx]
+    tgt = perms[:, n_ctx:n_ctx + k * n_tgt].reshape(b, k, n_tgt)
+    return ctx, tgt
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+@pytest.mark.parametrize("frames", [128, 512, 1024])
+def test_shapes(frames: int) -> None:
+    model = AJEPA(TINY)
+    grid = (frames // 16) * 8
+    x = torch.randn(2, frames, 128)
+    ctx, tgt = make_masks(2, grid, grid // 2, 3, grid // 8)
+    assert model.encode(x).shape == (2, grid, 192)
+    assert model.encode(x.unsqueeze(1), which="context").shape == (2, grid, 192)
+    assert model.features(x).shape == (2, 192)
+    tokens = model.context_encoder(x, keep=ctx)
+    assert tokens.shape == (2, grid // 2, 192)
+    assert model.predictor(tokens, ctx, tgt).shape == (2, 3, grid // 8, 192)
+    loss, aux = model(x, ctx, tgt)
+    assert loss.dim() == 0 and torch.isfinite(loss)
+    assert set(aux) == {"target_std", "pred_std"}
+
+
+def test_pos_table_prefix() -> None:
+    short, long = sincos_pos_embed_2d(64, 8, 8), sincos_pos_embed_2d(64, 64, 8)
+    assert long.shape == (512, 64)
+    torch.testing.assert_close(long[:64], short, rtol=0, atol=0)
+    # Row t * Fp + f: time channels (first half) depend only on t, frequency channels only on f.
+    grid = long.view(64, 8, 64)
+    assert torch.equal(grid[:, :1, :32].expand(-1, 8, -1), grid[:, :, :32])
+    assert torch.equal(grid[:1, :, 32:].expand(64, -1, -1), grid[:, :, 32:])
+    # The encoder indexes its 1024-frame table, so a 128-frame input gets exactly the 8x8 table.
+    encoder = VisionTransformer(TINY, max_frames=1024)
+    torch.testing.assert_close(encoder.pos_embed[:64], sincos_pos_embed_2d(192, 8, 8), rtol=0, atol=0)
+    assert "pos_embed" not in encoder.state_dict()
+
+
+def test_apply_masks() -> None:
+    x = torch.arange(2 * 5 * 3, dtype=torch.float32).view(2, 5, 3)
+    idx = torch.tensor([[4, 0], [1, 1]])
+    out = apply_masks(x, idx)
+    assert torch.equal(out[0], x[0, [4, 0]]) and torch.equal(out[1], x[1, [1, 1]])
+
+
+def test_predictor_blocks_are_independent() -> None:
+    """Batched K blocks equal running each block alone (no cross-talk between stacked blocks)."""
+    pred = Predictor(TINY).eval()
+    ctx_idx, tgt_idx = make_masks(2, 64, 20, 3, 6)
+    ctx = torch.randn(2, 20, 192)
+    out = pred(ctx, ctx_idx, tgt_idx)
+    for j in range(3):
+        alone = pred(ctx, ctx_idx, tgt_idx[:, j:j + 1])
+        torch.testing.assert_close(out[:, j], alone[:, 0], rtol=1e-5, atol=1e-5)
+
+
+def test_target_encoder_gets_no_gradient() -> None:
+    model = AJEPA(TINY)
+    assert all(not p.requires_grad for p in model.target_encoder.parameters())
+    ctx, tgt = make_masks(2, 64, 32, 2, 8)
+    loss, _ = model(torch.randn(2, 128, 128), ctx, tgt)
+    loss.backward()
+    assert all(p.grad is None for p in model.target_encoder.parameters())
+    trained = [*model.context_encoder.parameters(), *model.predictor.parameters()]
+    assert all(p.grad is not None for p in trained)
+    assert model.context_encoder.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+
+
+def test_target_encoder_stays_in_eval_mode() -> None:
+    model = AJEPA(dataclasses.replace(TINY, drop_path=0.5)).train()
+    assert model.context_encoder.training and not model.target_encoder.training
+    x = torch.randn(2, 128, 128)
+    torch.testing.assert_close(model.encode(x), model.encode(x), rtol=0, atol=0)
+
+
+def test_ema_update_matches_formula() -> None:
+    model = AJEPA(TINY)
+    with torch.no_grad():
+        for p in model.context_encoder.parameters():
+            p.add_(torch.randn_like(p))
+    online = dict(model.context_encoder.named_parameters())
+    before = {name: p.clone() for name, p in model.target_encoder.named_parameters()}
+    m = 0.9
+    model.update_target(m)
+    for name, p in model.target_encoder.named_parameters():
+        # Same arithmetic one tensor at a time: bit-exact; the textbook formula only differs by rounding.
+        assert torch.equal(p, before[name].mul(m).add(online[name], alpha=1 - m)), name
+        torch.testing.assert_close(p, m * before[name] + (1 - m) * online[name], rtol=1e-6, atol=1e-7)
+        assert not torch.equal(p, before[name])
+    model.update_target(0.0)  # m = 0 copies the online weights
+    for name, p in model.target_encoder.named_parameters():
+        assert torch.equal(p, online[name])
+
+
+class _Oracle(nn.Module):
+    """Stands in for the predictor: returns the true targets plus a constant offset."""
+
+    def __init__(self, target: torch.Tensor, offset: float):
+        super().__init__()
+        self.target, self.offset = target, offset
+
+    def forward(self, ctx: torch.Tensor, ctx_idx: torch.Tensor, tgt_idx: torch.Tensor) -> torch.Tensor:
+        return self.target + self.offset
+
+
+def _expected_targets(model: AJEPA, x: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+    h = F.layer_norm(model.encode(x), (192,))
+    return torch.stack([h[i, tgt[i].flatten()] for i in range(x.size(0))]).view(*tgt.shape, 192)
+
+
+@pytest.mark.parametrize(("loss", "offset", "expected"), [
+    ("mse", 0.0, 0.0), ("smooth_l1", 0.0, 0.0), ("mse", 2.0, 4.0), ("smooth_l1", 2.0, 1.5),
+    ("mse", 0.5, 0.25), ("smooth_l1", 0.5, 0.125),
+])
+def test_loss_against_known_predictions(loss: str, offset: float, expected: float) -> None:
+    model = AJEPA(dataclasses.replace(TINY, loss=loss))
+    x = torch.randn(2, 128, 128)
+    ctx, tgt = make_masks(2, 64, 32, 2, 8)
+    target = _expected_targets(model, x, tgt)
+    torch.testing.assert_close(model.targets(x, tgt), target)
+    model.predictor = _Oracle(target, offset)
+    value, _ = model(x, ctx, tgt)
+    assert value.item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_loss_rejects_unknown_kind() -> None:
+    with pytest.raises(ValueError, match="unknown loss"):
+        jepa_loss(torch.zeros(1), torch.zeros(1), "l2")
+
+
+def test_residual_projections_rescaled() -> None:
+    encoder = VisionTransformer(dataclasses.replace(TINY, depth=4))
+    for layer_id, block in enumerate(encoder.blocks, start=1):
+        want = 0.02 / math.sqrt(2 * layer_id)
+        assert block.attn.proj.weight.std().item() == pytest.approx(want, rel=0.05)
+        assert block.mlp.fc2.weight.std().item() == pytest.approx(want, rel=0.05)
+        assert block.attn.qkv.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert encoder.blocks[0].attn.qkv.bias.abs().max() == 0
+
+
+def test_attention_uses_sdpa() -> None:
+    assert all(block.attn.fused_attn for block in VisionTransformer(TINY).blocks)
+
+
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_key_mask_hides_tokens(per_layer: bool) -> None:
+    """A token hidden as a key in every layer cannot influence any other token's output."""
+    encoder = VisionTransformer(TINY).eval()
+    x = torch.randn(2, 128, 128)
+    t, f = 3, 5  # patch (t, f) is token t * Fp + f
+    hidden = t * 8 + f
+    key_mask = torch.zeros(2, 64, dtype=torch.bool)
+    key_mask[:, hidden] = True
+    key_mask[1, 10] = True  # masks may differ per clip
+    if per_layer:
+        key_mask = key_mask.expand(TINY.depth, -1, -1)
+    x2 = x.clone()
+    x2[:, t * 16:(t + 1) * 16, f * 16:(f + 1) * 16] += 3 * torch.randn(2, 16, 16)
+    others = torch.arange(64) != hidden
+
+    out, out2 = encoder(x, key_mask=key_mask), encoder(x2, key_mask=key_mask)
+    torch.testing.assert_close(out[:, others], out2[:, others], rtol=1e-5, atol=1e-5)
+    assert (out[:, hidden] - out2[:, hidden]).abs().max() > 1e-2  # it still passes its own MLP
+
+    full, full2 = encoder(x), encoder(x2)  # control: without the mask the change spreads
+    assert (full[:, others] - full2[:, others]).abs().max() > 1e-3
+
+
+def test_param_groups() -> None:
+    model = AJEPA(TINY)
+    decay, no_decay = model.param_groups(0.05)
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    assert any(p is model.predictor.mask_token for p in no_decay["params"])
+    assert all(p.ndim >= 2 for p in decay["params"])
+    assert all(p.ndim <= 1 for p in no_decay["params"] if p is not model.predictor.mask_token)
+    n_trained = len([*model.context_encoder.parameters(), *model.predictor.parameters()])
+    assert len(decay["params"]) + len(no_decay["params"]) == n_trained
+    torch.optim.AdamW(model.param_groups(0.05), lr=1e-3)
+
+
+def test_flops_vit_b() -> None:
+    """method.md: ~0.6 TFLOP per clip per step for ViT-B, 1024x128, default predictor, ~48% context."""
+    tflop = flops_per_sample(ModelConfig(), 64, 8, n_ctx=246, n_tgt=90, k=4) / 1e12
+    assert 0.5 < tflop < 0.8
+
+
+def test_short_optimisation_reduces_loss() -> None:
+    model = AJEPA(TINY)
+    opt = torch.optim.AdamW(model.param_groups(0.0), lr=1e-3)
+    x = torch.randn(4, 128, 128)
+    ctx, tgt = make_masks(4, 64, 32, 2, 8)
+    losses = []
+    for _ in range(25):
+        loss, _ = model(x, ctx, tgt)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        model.update_target(0.996)
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0]

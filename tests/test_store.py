@@ -1,0 +1,188 @@
+"""The spectrogram store on a real local Ray cluster: good and broken inputs, manifests, atomic writes."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from ajepa import cli, data
+from ajepa.audio import spectrogram_from_bytes
+from ajepa.config import AudioConfig
+from conftest import encode, tone
+
+ROOT = Path(__file__).resolve().parents[1]
+CFG = AudioConfig(target_frames=128)
+
+
+def make_folder(root: Path) -> Path:
+    """3 good files in two classes (odd rates, channels, names) and 5 broken ones."""
+    (root / "dog").mkdir(parents=True)
+    (root / "cat").mkdir()
+    sf.write(root / "dog" / "a.wav", tone(1.0, 8000, freq=300.0), 8000)
+    sf.write(root / "dog" / "b ü é.flac", tone(1.5, 48000, channels=6, freq=600.0), 48000)
+    sf.write(root / "cat" / "c.ogg", tone(0.5, 22050, channels=2, freq=900.0), 22050)
+    (root / "cat" / "empty.wav").write_bytes(b"")
+    (root / "cat" / "header.wav").write_bytes(encode(tone(1.0, 16000), 16000)[:30])
+    (root / "cat" / "noise.wav").write_bytes(np.random.default_rng(1).bytes(3000))
+    nan = tone(1.0, 16000)
+    nan[10] = np.nan
+    sf.write(root / "cat" / "nan.wav", nan, 16000, subtype="FLOAT")
+    os.symlink("loop.wav", root / "cat" / "loop.wav")  # a symlink loop: unreadable
+    (root / "notes.txt").write_text("not audio, not listed")
+    return root
+
+
+def failures(store: Path) -> dict[str, str]:
+    with (store / "failures.csv").open() as fh:
+        return {row["path"]: row["reason"] for row in csv.DictReader(fh)}
+
+
+def test_job_writes_good_rows_lists_failures_and_exits_0(tmp_path):
+    src = make_folder(tmp_path / "in")
+    out = tmp_path / "store"
+    job = [sys.executable, str(ROOT / "jobs" / "prepare_data.py"), "--input", str(src), "--out", str(out)]
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    done = subprocess.run(job, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "3 clips written, 5 failed" in done.stdout
+
+    reasons = failures(out)
+    assert sorted(reasons) == ["cat/empty.wav", "cat/header.wav", "cat/loop.wav", "cat/nan.wav", "cat/noise.wav"]
+    assert reasons["cat/empty.wav"] == "empty file"
+    assert reasons["cat/nan.wav"] == "NaN or Inf samples"
+    assert reasons["cat/loop.wav"] == "unreadable: Too many levels of symbolic links"
+    # libsndfile's own wording varies by what it guesses the bytes are; the category is ours.
+    assert reasons["cat/header.wav"].startswith("not decodable audio: ")
+    assert reasons["cat/noise.wav"].startswith("not decodable audio: ")
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["clips"] == 3 and stats["failed"] == 5 and stats["classes"] == ["cat", "dog"]
+    arrays = data.load_store(out)
+    assert sorted(arrays.extra["path"]) == ["cat/c.ogg", "dog/a.wav", "dog/b ü é.flac"]
+    assert arrays.fbank.shape == (3, 128, 128) and arrays.fbank.dtype == np.float16
+    assert sorted(arrays.n_frames.tolist()) == [48, 98, 128]
+
+    # A second run into the same folder is refused and leaves the store as it was.
+    before = sorted(p.name for p in out.rglob("*"))
+    again = subprocess.run(job, capture_output=True, text=True, env=env, timeout=300)
+    assert again.returncode == 2 and "already exists; pass --overwrite" in again.stderr
+    assert sorted(p.name for p in out.rglob("*")) == before
+
+
+def test_store_rows_equal_the_audio_pipeline_and_stats_are_exact(ray_local, tmp_path):
+    src = make_folder(tmp_path / "in")
+    summary = data.build_store(src, tmp_path / "store", CFG)
+    arrays = data.load_store(tmp_path / "store")
+    real = []
+    for rel, fb, n in zip(arrays.extra["path"], arrays.fbank, arrays.n_frames, strict=True):
+        expected = spectrogram_from_bytes((src / rel).read_bytes(), CFG)
+        assert n == expected.n_frames
+        torch.testing.assert_close(torch.from_numpy(fb.astype(np.float32)), expected.fbank, rtol=2e-3, atol=2e-2)
+        real.append(expected.fbank[:n].double().numpy())
+    values = np.concatenate(real)
+    assert summary.mean == pytest.approx(values.mean(), rel=1e-6)
+    assert summary.std == pytest.approx(values.std(), rel=1e-6)
+    assert sum(summary.counts.values()) == 3
+    assert not list(tmp_path.glob(".store.tmp-*")), "staging folder left behind"
+
+    ds = data.read_store(tmp_path / "store", split=None)
+    assert ds.count() == 3
+    batch = ds.take_batch(3, batch_format="numpy")
+    assert batch["fbank"].shape == (3, 128, 128)
+
+
+def test_manifest_keeps_splits_labels_and_extra_columns(ray_local, tmp_path):
+    audio = tmp_path / "audio"
+    audio.mkdir()
+    rows = []
+    for i in range(6):
+        sf.write(audio / f"{i}.wav", tone(1.0, 16000, freq=200.0 + 100 * i), 16000)
+        rows.append({"path": f"audio/{i}.wav", "label": "a;b" if i % 2 else "c",
+                     "split": ["train", "val", "test"][i % 3], "pitch": str(60 + i)})
+    rows.append({"path": str(tmp_path / "missing.wav"), "label": "c", "split": "train", "pitch": "1"})
+    manifest = tmp_path / "m.csv"
+    with manifest.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["path", "label", "split", "pitch"])
+        writer.writeheader()
+        writer.writerows(rows)
+    summary = data.build_store(manifest, tmp_path / "store", CFG)
+    assert summary.counts == {"train": 2, "val": 2, "test": 2}
+    assert summary.classes == ["a", "b", "c"]
+    assert failures(tmp_path / "store")[str(tmp_path / "missing.wav")].startswith("unreadable: No such file")
+    val = data.load_store(tmp_path / "store", split="val")
+    assert sorted(val.extra["pitch"]) == ["61", "64"] and set(val.extra["split"]) == {"val"}
+    assert data.read_store(tmp_path / "store", split="test").count() == 2
+
+
+@pytest.mark.parametrize(
+    "header, line, fragment",
+    [
+        ("file,label", "x.wav,a", "missing column(s) path"),
+        ("path,label,split", "x.wav,a,holdout", "m.csv:2: split must be one of"),
+        ("path,label", ",a", "m.csv:2: empty path"),
+        ("path,label,n_frames", "x.wav,a,3", "reserved"),
+    ],
+)
+def test_bad_manifests_name_the_file_and_line(tmp_path, header, line, fragment):
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(f"{header}\n{line}\n")
+    with pytest.raises(data.StoreError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
+        data.list_inputs(manifest)
+
+
+def test_no_audio_and_missing_input_fail_before_ray_with_the_input_named(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "readme.txt").write_text("x")
+    assert cli.main(["prepare-data", "--input", str(tmp_path / "empty"), "--out", str(tmp_path / "s")]) == 2
+    assert f"{tmp_path / 'empty'}: no audio files found" in capsys.readouterr().err
+    assert cli.main(["prepare-data", "--input", str(tmp_path / "nope"), "--out", str(tmp_path / "s")]) == 2
+    assert "nope: input does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
+
+
+def test_every_file_failing_exits_nonzero_and_writes_nothing(ray_local, tmp_path, capsys):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.wav").write_bytes(b"")
+    (tmp_path / "in" / "b.wav").write_bytes(b"RIFF")
+    assert cli.main(["prepare-data", "--input", str(tmp_path / "in"), "--out", str(tmp_path / "s")]) == 2
+    assert "every one of 2 audio files failed" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists() and not list(tmp_path.glob(".s.tmp-*"))
+
+
+def test_a_crash_keeps_the_old_store_and_leaves_no_half_store(ray_local, tmp_path, monkeypatch):
+    src = make_folder(tmp_path / "in")
+    store = tmp_path / "store"
+    data.build_store(src, store, CFG)
+    before = {p: p.read_bytes() for p in store.rglob("*") if p.is_file()}
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("simulated crash while finalising")
+
+    monkeypatch.setattr(data, "_finalise", crash)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        data.build_store(src, store, CFG, overwrite=True)
+    assert {p: p.read_bytes() for p in store.rglob("*") if p.is_file()} == before
+    assert not list(tmp_path.glob(".store.tmp-*"))
+    monkeypatch.undo()
+
+    (src / "dog" / "a.wav").unlink()
+    summary = data.build_store(src, store, CFG, overwrite=True)
+    assert summary.written == 2 and data.read_stats(store)["clips"] == 2
+
+
+def test_hash_split_is_deterministic_and_near_the_ratios():
+    names = [f"clip_{i}.wav" for i in range(5000)]
+    splits = [data.hash_split(n) for n in names]
+    assert splits == [data.hash_split(n) for n in names]
+    share = {s: splits.count(s) / len(splits) for s in data.SPLITS}
+    assert abs(share["train"] - 0.8) < 0.02 and abs(share["val"] - 0.1) < 0.02
+
+
+def test_reading_a_folder_that_is_not_a_store_is_a_clear_error(tmp_path):
+    with pytest.raises(data.StoreError, match="not a spectrogram store"):
+        data.read_store(tmp_path)
