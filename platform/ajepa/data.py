@@ -36,7 +36,6 @@ AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".mp3", ".aiff", ".aif", ".
 SPLITS = ("train", "val", "test")
 MANIFEST_RESERVED = ("id", "fbank", "n_frames", "frame_sum", "frame_sumsq", "status", "reason")
 STORE_VERSION = 1
-ROWS_PER_TASK = 16  # small tasks spread decode over every CPU; shards are merged at write time
 ROWS_PER_SHARD = 1024
 
 
@@ -187,6 +186,12 @@ def process_batch(batch: dict[str, np.ndarray], cfg: AudioConfig) -> dict[str, n
     return out
 
 
+def rows_per_task(n_rows: int, cpus: int) -> int:
+    """About four tasks per CPU: enough to balance load, few enough that per-task overhead (measured at
+    ~0.3 s here) stays small next to ~12 ms of work per 10 s clip."""
+    return max(16, min(256, math.ceil(n_rows / (4 * max(cpus, 1)))))
+
+
 def _staging_dir(out: Path) -> Path:
     return out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
 
@@ -217,9 +222,9 @@ def build_store(source: str | Path, out: str | Path, cfg: AudioConfig, *, overwr
     init_ray()  # only now: bad input is reported without waiting for a cluster
     staging = _staging_dir(out)
     try:
-        ds = ray.data.from_items(rows, override_num_blocks=math.ceil(len(rows) / ROWS_PER_TASK))
-        ds = ds.map_batches(process_batch, fn_kwargs={"cfg": cfg}, batch_size=ROWS_PER_TASK,
-                            batch_format="numpy")
+        per_task = rows_per_task(len(rows), int(ray.cluster_resources().get("CPU", 1)))
+        ds = ray.data.from_items(rows, override_num_blocks=math.ceil(len(rows) / per_task))
+        ds = ds.map_batches(process_batch, fn_kwargs={"cfg": cfg}, batch_size=per_task, batch_format="numpy")
         ds.write_parquet(str(staging / "rows"), partition_cols=["status", "split"],
                          min_rows_per_file=ROWS_PER_SHARD)
         summary = _finalise(staging, out, cfg, source, overwrite)
