@@ -97,3 +97,29 @@ def spectrogram_from_bytes(data: bytes, cfg: AudioConfig) -> Spectrogram:
 def normalize(spec: torch.Tensor, mean: float, std: float) -> torch.Tensor:
     """AudioMAE/AST normalisation: (x - mean) / (2 * std)."""
     return (spec - mean) / (2.0 * std)
+
+
+def random_crop(spec: torch.Tensor, n_frames: torch.Tensor, crop: int, generator: torch.Generator) -> torch.Tensor:
+    """(B, T, F) -> (B, crop, F): a random start within each clip's real frames (start 0 when it is shorter)."""
+    batch, frames, _ = spec.shape
+    if frames < crop:
+        return torch.nn.functional.pad(spec, (0, 0, 0, crop - frames))
+    room = (n_frames.clamp(max=frames) - crop).clamp(min=0).to(torch.float64)
+    starts = (torch.rand(batch, generator=generator, dtype=torch.float64) * (room + 1)).floor().long()
+    index = starts[:, None] + torch.arange(crop)[None, :]
+    return spec.gather(1, index[:, :, None].expand(-1, -1, spec.shape[2]).to(spec.device))
+
+
+def augment(spec: torch.Tensor, gain_db: float, roll: bool, generator: torch.Generator) -> torch.Tensor:
+    """Pretraining augmentation (method.md §1): random cyclic roll in time and gain jitter in dB.
+
+    A gain of g dB scales power by 10^(g/10), i.e. adds g·ln(10)/10 to the natural-log mel energies."""
+    batch, frames, _ = spec.shape
+    if roll:
+        shifts = torch.randint(0, frames, (batch,), generator=generator)
+        index = (torch.arange(frames)[None, :] - shifts[:, None]) % frames
+        spec = spec.gather(1, index[:, :, None].expand(-1, -1, spec.shape[2]).to(spec.device))
+    if gain_db > 0:
+        gains = (torch.rand(batch, generator=generator) * 2 - 1) * gain_db * (np.log(10.0) / 10.0)
+        spec = spec + gains.to(spec.device, spec.dtype)[:, None, None]
+    return spec

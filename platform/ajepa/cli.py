@@ -26,6 +26,16 @@ def _parser() -> argparse.ArgumentParser:
                            "or 'demo' for the built-in instrument dataset")
     prep.add_argument("--overwrite", action="store_true", help="replace an existing store at --out")
     prep.set_defaults(func=prepare_data)
+
+    pre = sub.add_parser("pretrain", help="A-JEPA pretraining on Ray Train")
+    _common(pre)
+    pre.add_argument("--data", default=None, help="spectrogram store (default: data.store, else the demo store)")
+    pre.add_argument("--steps", type=int, default=None, help="total optimizer steps (schedules scale to it)")
+    pre.add_argument("--workers", type=int, default=None, help="Ray Train workers (0: in-process)")
+    pre.add_argument("--gpus-per-worker", type=float, default=None)
+    pre.add_argument("--resume", default=None, metavar="RUN_OR_PATH",
+                     help="continue a run from its last checkpoint (run name under --out, or its folder)")
+    pre.set_defaults(func=pretrain)
     return parser
 
 
@@ -55,13 +65,37 @@ def prepare_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _job_overrides(args: argparse.Namespace) -> list[str]:
+    """Flags shared by every job, as config overrides (explicit --set values win)."""
+    flags = {"run.out_dir": args.out, "optim.steps": getattr(args, "steps", None),
+             "run.workers": getattr(args, "workers", None),
+             "run.gpus_per_worker": getattr(args, "gpus_per_worker", None)}
+    return [f"{k}={v}" for k, v in flags.items() if v is not None] + args.overrides
+
+
+def pretrain(args: argparse.Namespace) -> int:
+    from ajepa.tracking import ui_command
+    from ajepa.train.pretrain import run_pretrain
+
+    overrides = _job_overrides(args)
+    cfg = load_config(args.config, overrides)
+    result = run_pretrain(cfg, store=args.data, resume=args.resume, overrides=overrides if args.resume else ())
+    print(f"pretrained {result.name}: {result.step} steps, final loss {result.metrics.get('loss', float('nan')):.4f}")
+    print(f"encoder weights: {result.encoder}")
+    print(f"checkpoint: {result.checkpoint}")
+    print(f"MLflow run {result.mlflow_run_id}; open with: {ui_command(result.tracking_uri)}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from ajepa.data import StoreError
+    from ajepa.demo_data import DemoToolsMissing
+    from ajepa.train.pretrain import CheckpointError
 
     args = _parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, StoreError) as exc:
+    except (ConfigError, StoreError, CheckpointError, DemoToolsMissing) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -171,6 +171,7 @@ class RunConfig:
     workers: int = 1
     gpus_per_worker: float = 0.0
     cpus_per_worker: float = 1.0
+    torch_threads: int = 0  # intra-op threads per CPU worker; 0: cpus_per_worker (rounded)
     checkpoint_every: int = 100
     log_every: int = 10
     max_failures: int = 0
@@ -180,6 +181,7 @@ class RunConfig:
         _check(self.workers >= 0, f"{prefix}.workers", f"must be >= 0 (0 runs in-process), got {self.workers}")
         _check(self.gpus_per_worker >= 0, f"{prefix}.gpus_per_worker", "must be >= 0")
         _check(self.cpus_per_worker > 0, f"{prefix}.cpus_per_worker", "must be > 0")
+        _check(self.torch_threads >= 0, f"{prefix}.torch_threads", "must be >= 0")
         _check(self.checkpoint_every >= 1, f"{prefix}.checkpoint_every", "must be >= 1")
         _check(self.log_every >= 1, f"{prefix}.log_every", "must be >= 1")
         _check(self.max_failures >= -1, f"{prefix}.max_failures", "must be >= -1 (-1: unlimited)")

@@ -24,7 +24,7 @@ def init_ray(num_cpus: int | None = None, quiet: bool = True) -> None:
 
     if ray.is_initialized():
         return
-    kwargs = {"runtime_env": {"py_modules": [package_dir()]}, "log_to_driver": not quiet}
+    kwargs = {"runtime_env": {"py_modules": [package_dir()]}}
     if quiet:
         kwargs["logging_level"] = logging.WARNING
     if os.environ.get("RAY_ADDRESS"):

@@ -1,0 +1,11 @@
+"""A-JEPA pretraining: `python jobs/pretrain.py [--config configs/tiny.yaml] [--data STORE] [--steps N] ...`."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))  # ajepa without installing it
+
+from ajepa.cli import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main(["pretrain", *sys.argv[1:]]))

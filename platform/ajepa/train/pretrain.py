@@ -1,0 +1,389 @@
+"""A-JEPA pretraining: one optimizer step (`Pretrainer`), the Ray Train loop around it, and the driver.
+
+`Pretrainer` holds everything a step needs and nothing of Ray, so the benchmark and unit tests drive it
+directly. `train_loop_per_worker` adds the Ray parts: its data shard, checkpoints through the collective
+`ray.train.report`, and MLflow metrics from rank 0. `run_pretrain` is what `jobs/pretrain.py` calls.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ajepa.audio import augment, normalize, random_crop
+from ajepa.config import Config, ConfigError, config_from_dict, save_config
+from ajepa.masking import MaskBatch, sample_masks, tf_probability, validate_masks
+from ajepa.models.ajepa import AJEPA
+from ajepa.train import schedules
+
+CHECKPOINT_FILE = "pretrain.pt"
+RUN_FILE = "run.json"
+ENCODER_FILE = "encoder.safetensors"
+FAULT_ENV = "AJEPA_FAULT_AT_STEP"  # test hook: the last rank dies once at this step
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be loaded; the message names the file."""
+
+
+def patch_grid(cfg: Config) -> tuple[int, int]:
+    return cfg.data.crop_frames // cfg.model.patch_size, cfg.audio.num_mel_bins // cfg.model.patch_size
+
+
+class Pretrainer:
+    """Model, EMA target, optimizer and the global step: one `train_step` per optimizer step."""
+
+    def __init__(self, cfg: Config, mean: float, std: float, device: torch.device, rank: int = 0,
+                 world_size: int = 1):
+        self.cfg, self.mean, self.std = cfg, mean, std
+        self.device, self.rank = device, rank
+        self.grid = patch_grid(cfg)
+        torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
+        self.model = AJEPA(cfg.model, cfg.audio.num_mel_bins, max_frames=cfg.data.crop_frames).to(device)
+        self.net: torch.nn.Module = self.model
+        if world_size > 1:
+            ids = [device.index] if device.type == "cuda" else None
+            self.net = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.model.param_groups(cfg.optim.weight_decay[0]), lr=cfg.optim.lr,
+                                           betas=cfg.optim.betas, fused=device.type == "cuda")
+        self.amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+        self.step = 0
+        self._pending: list[Tensor] = []  # losses since the last `metrics()`, kept on device: no sync per step
+
+    # -------------------------------------------------------------------------------------------- steps
+    def prepare(self, fbank: Tensor, n_frames: Tensor, generator: torch.Generator) -> Tensor:
+        """Stored float16 spectrograms -> augmented, normalised model input (B, crop_frames, mel)."""
+        data = self.cfg.data
+        x = random_crop(fbank.to(self.device, non_blocking=True).float(), n_frames, data.crop_frames, generator)
+        x = augment(x, data.gain_db, data.roll, generator)
+        return normalize(x, self.mean, self.std) if data.normalize else x
+
+    def masks(self, batch_size: int, micro: int) -> MaskBatch:
+        # Family and sizes depend on (seed, step) only; positions on the rank and micro-batch too.
+        accum = self.cfg.optim.grad_accum
+        return sample_masks(self.cfg.mask, self.grid, batch_size, step=self.step, total_steps=self.cfg.optim.steps,
+                            seed=self.cfg.run.seed, rank=self.rank * accum + micro)
+
+    def set_schedules(self) -> None:
+        lr = schedules.learning_rate(self.step, self.cfg.optim)
+        wd = schedules.weight_decay(self.step, self.cfg.optim)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+            if group.get("name") == "decay":
+                group["weight_decay"] = wd
+
+    def train_step(self, micro_batches: list[tuple[Tensor, Tensor]]) -> dict[str, float]:
+        """One optimizer step over `grad_accum` micro-batches of (fbank, n_frames)."""
+        self.set_schedules()
+        seed = np.random.SeedSequence([self.cfg.run.seed, self.step, self.rank]).generate_state(1)[0]
+        generator = torch.Generator().manual_seed(int(seed))  # crops, rolls, gains: exact on resume
+        timings = {"data": 0.0, "compute": 0.0}
+        fractions = []
+        for micro, (fbank, n_frames) in enumerate(micro_batches):
+            start = time.perf_counter()
+            x = self.prepare(fbank, n_frames, generator)
+            masks = self.masks(x.shape[0], micro)
+            ctx = masks.context.to(self.device, non_blocking=True)
+            tgt = masks.targets.to(self.device, non_blocking=True)
+            fractions.append((masks.context_fraction, masks.target_fraction, masks.family == "tf"))
+            timings["data"] += time.perf_counter() - start
+            last = micro == len(micro_batches) - 1
+            sync = self.net.no_sync() if (not last and self.net is not self.model) else _null()
+            with sync, self.amp:
+                loss, _ = self.net(x, ctx, tgt)
+            (loss / len(micro_batches)).backward()
+            self._pending.append(loss.detach())
+        clip = self.cfg.optim.clip_grad if self.cfg.optim.clip_grad > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.model.update_target(schedules.ema_momentum(self.step, self.cfg.optim))
+        self._grad_norm = grad_norm.detach()
+        n = len(fractions)
+        return {
+            "context_fraction": sum(f[0] for f in fractions) / n,
+            "target_fraction": sum(f[1] for f in fractions) / n,
+            "tf_batch": float(fractions[0][2]),
+            "data_time": timings["data"],
+        }
+
+    def metrics(self) -> dict[str, float]:
+        """Scalars for logging; the one host sync of the logging interval happens here."""
+        loss = torch.stack(self._pending).mean().item() if self._pending else float("nan")
+        self._pending.clear()
+        return {
+            "loss": loss,
+            "grad_norm": float(self._grad_norm.item()),
+            "lr": schedules.learning_rate(self.step - 1, self.cfg.optim),
+            "wd": schedules.weight_decay(self.step - 1, self.cfg.optim),
+            "ema_momentum": schedules.ema_momentum(self.step, self.cfg.optim),
+            "tf_probability": tf_probability(self.cfg.mask, self.step - 1, self.cfg.optim.steps),
+        }
+
+    # ---------------------------------------------------------------------------------------- checkpoint
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "step": self.step,
+                "config": _plain(self.cfg.to_dict())}
+
+    def save(self, path: Path) -> None:
+        torch.save(self.state_dict(), path)
+
+    def load(self, path: Path) -> None:
+        state = load_checkpoint(path)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = int(state["step"])
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Read a pretraining checkpoint safely (weights_only), with an error that names the file."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: checkpoint file is missing") from None
+    except Exception as exc:  # torch raises many types for truncated or foreign files
+        raise CheckpointError(f"{path}: corrupt or unreadable checkpoint ({type(exc).__name__}: {exc})") from None
+    missing = {"model", "optimizer", "step", "config"} - set(state) if isinstance(state, dict) else {"model"}
+    if missing:
+        raise CheckpointError(f"{path}: not an ajepa pretraining checkpoint (missing {', '.join(sorted(missing))})")
+    return state
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _plain(obj: Any) -> Any:
+    """Tuples to lists, so the config survives JSON and torch's weights_only loader alike."""
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+# ------------------------------------------------------------------------------------------ Ray worker
+
+
+def _batches(shard: Any, batch_size: int, device: torch.device) -> Iterator[tuple[Tensor, Tensor]]:
+    """Endless full batches from this worker's shard. The trainer splits with equal=True and we drop the
+    last partial batch, so every rank sees the same number of batches per epoch (no DDP hang)."""
+    while True:
+        for batch in shard.iter_torch_batches(batch_size=batch_size, drop_last=True,
+                                              dtypes={"fbank": torch.float16, "n_frames": torch.int64}):
+            yield batch["fbank"], batch["n_frames"]
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    import ray.train
+    import ray.train.torch
+
+    from ajepa.tracking import NullTracker, Tracker
+
+    cfg = config_from_dict(config["config"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    if device.type == "cpu":
+        torch.set_num_threads(cfg.run.torch_threads or max(1, round(cfg.run.cpus_per_worker)))
+    trainer = Pretrainer(cfg, config["mean"], config["std"], device, rank, world)
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            trainer.load(Path(folder) / CHECKPOINT_FILE)
+    tracker = Tracker.attach(config["tracking_uri"], config["mlflow_run_id"]) if rank == 0 else NullTracker()
+    batches = _batches(ray.train.get_dataset_shard("train"), cfg.data.batch_size, device)
+    fault_step = config.get("fault_at_step")
+    total, accum = cfg.optim.steps, cfg.optim.grad_accum
+    global_batch = cfg.data.batch_size * accum * world
+    window_start, window_steps, window_data = time.perf_counter(), 0, 0.0
+    while trainer.step < total:
+        if fault_step is not None and trainer.step == fault_step and rank == world - 1:
+            marker = Path(config["fault_marker"])
+            if not marker.exists():
+                marker.touch()
+                os._exit(1)  # a hard worker death, as from an OOM kill or a lost node
+        step_info = trainer.train_step([next(batches) for _ in range(accum)])
+        window_steps += 1
+        window_data += step_info["data_time"]
+        step = trainer.step
+        log_now = step % cfg.run.log_every == 0 or step == total
+        save_now = step % cfg.run.checkpoint_every == 0 or step == total
+        if not (log_now or save_now):
+            continue
+        elapsed = time.perf_counter() - window_start
+        metrics = {**trainer.metrics(), **{k: v for k, v in step_info.items() if k != "data_time"},
+                   "step": step, "step_time": elapsed / window_steps, "data_time": window_data / window_steps,
+                   "samples_per_s": global_batch * window_steps / elapsed}
+        if rank == 0:
+            tracker.log_metrics(metrics, step)
+            print(f"step {step}/{total} loss {metrics['loss']:.4f} lr {metrics['lr']:.2e} "
+                  f"tf_p {metrics['tf_probability']:.2f} {metrics['samples_per_s']:.1f} samples/s", flush=True)
+        _report(trainer, metrics, save_now and rank == 0, step)
+        window_start, window_steps, window_data = time.perf_counter(), 0, 0.0
+
+
+def _report(trainer: Pretrainer, metrics: dict[str, float], with_checkpoint: bool, step: int) -> None:
+    """Every rank calls report the same number of times (it is a collective); rank 0 attaches the state."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as folder:
+        checkpoint = None
+        if with_checkpoint:
+            trainer.save(Path(folder) / CHECKPOINT_FILE)
+            checkpoint = ray.train.Checkpoint.from_directory(folder)
+        ray.train.report(metrics, checkpoint=checkpoint,
+                         checkpoint_dir_name=f"step_{step:08d}" if checkpoint is not None else None)
+
+
+# -------------------------------------------------------------------------------------------- driver
+
+
+@dataclass
+class PretrainResult:
+    run_dir: Path
+    name: str
+    step: int
+    metrics: dict[str, Any]
+    checkpoint: Path
+    encoder: Path
+    mlflow_run_id: str
+    tracking_uri: str
+
+
+def _resolve_store(cfg: Config, store: str | Path | None) -> Path:
+    from ajepa import data
+
+    if store:
+        return Path(store)
+    if cfg.data.store:
+        return Path(cfg.data.store)
+    return data.demo_store(cfg.audio)[0]
+
+
+def _check_store(cfg: Config, stats: dict[str, Any], store: Path, workers: int) -> None:
+    audio = stats["audio"]
+    if audio["num_mel_bins"] != cfg.audio.num_mel_bins:
+        raise ConfigError(f"audio.num_mel_bins: config says {cfg.audio.num_mel_bins}, store {store} has "
+                          f"{audio['num_mel_bins']}")
+    per_rank = stats["counts"]["train"] // max(workers, 1)
+    if per_rank < cfg.data.batch_size:
+        raise ConfigError(f"data.batch_size: {cfg.data.batch_size} is larger than the {per_rank} training rows each "
+                          f"of {max(workers, 1)} workers gets from {store}")
+
+
+def new_run_name() -> str:
+    return f"pretrain-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+
+
+def resolve_resume(resume: str, out: Path) -> tuple[Path, str]:
+    """`--resume` takes a run folder or a run name under --out; returns (out, name)."""
+    path = Path(resume)
+    candidates = [path, out / resume] if path.is_absolute() or path.exists() else [out / resume]
+    for candidate in candidates:
+        if (candidate / RUN_FILE).exists():
+            return candidate.parent.absolute(), candidate.name
+    looked = " and ".join(str(c / RUN_FILE) for c in candidates)
+    raise ConfigError(f"--resume {resume}: no run found (looked for {looked})")
+
+
+def run_pretrain(cfg: Config, *, store: str | Path | None = None, resume: str | None = None,
+                 overrides: list[str] = ()) -> PretrainResult:
+    """Pretrain on Ray Train. Everything that can be checked is checked before a cluster is started."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from ajepa import data, tracking
+    from ajepa.masking import plot_mask_examples
+    from ajepa.runtime import init_ray
+
+    out = Path(cfg.run.out_dir).expanduser().absolute()
+    if resume:
+        out, name = resolve_resume(resume, out)
+        saved = json.loads((out / name / RUN_FILE).read_text())
+        cfg = config_from_dict(saved["config"], overrides, source=str(out / name / RUN_FILE))
+        store, run_id, uri = saved["store"], saved["mlflow_run_id"], saved["tracking_uri"]
+    else:
+        name = cfg.run.name or new_run_name()
+        if (out / name).exists():
+            raise ConfigError(f"run.name: {out / name} already exists; use --resume {name} to continue it")
+    validate_masks(cfg.mask, patch_grid(cfg))
+    store = _resolve_store(cfg, store)
+    stats = data.read_stats(store)
+    _check_store(cfg, stats, store, cfg.run.workers)
+
+    run_dir = out / name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        uri = tracking.default_tracking_uri(out)
+        tracker = tracking.Tracker.start(uri, cfg.run.experiment, name, tags={"ajepa.job": "pretrain"})
+        run_id = tracker.run_id
+        save_config(cfg, run_dir / "config.yaml")
+        tracker.log_params({**cfg.flat(), "data.store_path": str(store), "data.train_clips": stats["counts"]["train"],
+                            "data.mean": stats["mean"], "data.std": stats["std"]})
+        tracker.log_artifact(run_dir / "config.yaml")
+        tracker.log_artifact(Path(store) / "stats.json", "data")
+        tracker.log_artifact(plot_mask_examples(cfg.mask, patch_grid(cfg), run_dir / "masks.png"))
+        (run_dir / RUN_FILE).write_text(json.dumps({"name": name, "store": str(store), "mlflow_run_id": run_id,
+                                                    "tracking_uri": uri, "config": _plain(cfg.to_dict())}, indent=2))
+    else:
+        tracker = tracking.Tracker.attach(uri, run_id)
+
+    init_ray()
+    loop_config = {"config": _plain(cfg.to_dict()), "mean": stats["mean"], "std": stats["std"],
+                   "tracking_uri": uri, "mlflow_run_id": run_id,
+                   "fault_marker": str(run_dir / "fault_injected")}
+    if os.environ.get(FAULT_ENV):
+        loop_config["fault_at_step"] = int(os.environ[FAULT_ENV])
+    use_gpu = cfg.run.gpus_per_worker > 0
+    resources = {"CPU": cfg.run.cpus_per_worker, **({"GPU": cfg.run.gpus_per_worker} if use_gpu else {})}
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=cfg.run.workers, use_gpu=use_gpu,
+                                     resources_per_worker=resources if cfg.run.workers else None),
+        run_config=RunConfig(name=name, storage_path=str(out),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             failure_config=FailureConfig(max_failures=cfg.run.max_failures)),
+        datasets={"train": data.read_store(store, "train", columns=["fbank", "n_frames"]).random_shuffle()},
+    )
+    try:
+        result = trainer.fit()
+    except BaseException:
+        tracker.finish("FAILED")
+        raise
+    with result.checkpoint.as_directory() as folder:
+        state = load_checkpoint(Path(folder) / CHECKPOINT_FILE)
+    encoder = export_encoder(state, run_dir / ENCODER_FILE)
+    tracker.log_artifact(encoder)
+    tracker.finish("FINISHED")
+    return PretrainResult(run_dir, name, int(state["step"]), dict(result.metrics or {}),
+                          Path(result.checkpoint.path), encoder, run_id, uri)
+
+
+def export_encoder(state: dict[str, Any], path: Path) -> Path:
+    """The target (EMA) encoder's weights as safetensors: what fine-tuning and probes load."""
+    from safetensors.torch import save_file
+
+    prefix = "target_encoder."
+    weights = {k[len(prefix):]: v.contiguous() for k, v in state["model"].items() if k.startswith(prefix)}
+    save_file(weights, str(path), metadata={"config": json.dumps(state["config"]["model"]), "step": str(state["step"])})
+    return path
+

@@ -1,0 +1,180 @@
+"""Pretraining: the optimizer step without Ray (fast), then real Ray Train runs with faults and resume (slow)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from ajepa.config import load_config
+from ajepa.models.vit import VisionTransformer
+from ajepa.train import pretrain
+from ajepa.train.pretrain import CheckpointError, Pretrainer, export_encoder, load_checkpoint
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+MICRO = ["model.embed_dim=64", "model.depth=2", "model.num_heads=2", "model.pred_dim=32", "model.pred_depth=1",
+         "model.pred_heads=2", "data.batch_size=8", "optim.steps=40", "optim.lr=1e-3"]
+
+
+def micro_cfg(*extra):
+    return load_config(ROOT / "configs" / "tiny.yaml", [*MICRO, *extra])
+
+
+def fake_batch(seed: int, batch: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    fbank = (torch.randn(batch, 128, 128, generator=g) * 4 - 8).half()
+    return fbank, torch.full((batch,), 98, dtype=torch.long)
+
+
+def params(trainer: Pretrainer) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
+
+
+def test_loss_falls_and_schedules_follow_the_step():
+    torch.manual_seed(0)
+    trainer = Pretrainer(micro_cfg(), mean=-8.0, std=4.0, device=torch.device("cpu"))
+    batch = fake_batch(0)
+    losses = []
+    for _ in range(40):
+        trainer.train_step([batch])
+        losses.append(trainer.metrics()["loss"])
+    assert trainer.step == 40
+    assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5])
+    expected_lr = pretrain.schedules.learning_rate(39, trainer.cfg.optim)
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(expected_lr)
+
+
+def test_resume_from_a_checkpoint_is_exact(tmp_path):
+    """Same step, same schedules, same masks and augmentation: bit-identical weights to an unbroken run."""
+    batches = [fake_batch(i) for i in range(6)]
+    straight = Pretrainer(micro_cfg(), -8.0, 4.0, torch.device("cpu"))
+    for i in range(6):
+        straight.train_step([batches[i]])
+
+    first = Pretrainer(micro_cfg(), -8.0, 4.0, torch.device("cpu"))
+    for i in range(3):
+        first.train_step([batches[i]])
+    first.save(tmp_path / "ckpt.pt")
+    resumed = Pretrainer(micro_cfg(), -8.0, 4.0, torch.device("cpu"))
+    resumed.load(tmp_path / "ckpt.pt")
+    assert resumed.step == 3
+    for i in range(3, 6):
+        resumed.train_step([batches[i]])
+    assert torch.equal(params(resumed), params(straight))
+
+
+def test_gradient_accumulation_averages_micro_batches():
+    cfg = micro_cfg("optim.grad_accum=2", "mask.schedule=rb")
+    trainer = Pretrainer(cfg, -8.0, 4.0, torch.device("cpu"))
+    masks = [trainer.masks(8, micro) for micro in range(2)]
+    assert masks[0].family == masks[1].family  # one family per optimizer step
+    assert not torch.equal(masks[0].context, masks[1].context)  # but fresh positions per micro-batch
+    before = params(trainer).clone()
+    trainer.train_step([fake_batch(0), fake_batch(1)])
+    assert trainer.step == 1 and not torch.equal(before, params(trainer))
+
+
+def test_corrupt_and_foreign_checkpoints_give_clear_errors(tmp_path):
+    trainer = Pretrainer(micro_cfg(), -8.0, 4.0, torch.device("cpu"))
+    good = tmp_path / "good.pt"
+    trainer.save(good)
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match=f"{truncated}: corrupt or unreadable checkpoint"):
+        load_checkpoint(truncated)
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(os.urandom(1000))
+    with pytest.raises(CheckpointError, match="corrupt or unreadable"):
+        load_checkpoint(garbage)
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weights": torch.zeros(2)}, foreign)
+    with pytest.raises(CheckpointError, match="not an ajepa pretraining checkpoint"):
+        load_checkpoint(foreign)
+    with pytest.raises(CheckpointError, match="missing"):
+        load_checkpoint(tmp_path / "absent.pt")
+
+
+def test_exported_encoder_loads_into_a_fresh_vit(tmp_path):
+    trainer = Pretrainer(micro_cfg(), -8.0, 4.0, torch.device("cpu"))
+    trainer.train_step([fake_batch(0)])
+    path = export_encoder(trainer.state_dict(), tmp_path / "encoder.safetensors")
+    vit = VisionTransformer(trainer.cfg.model, 128, 128)
+    vit.load_state_dict(load_file(str(path)))
+    x = torch.randn(2, 128, 128)
+    torch.testing.assert_close(vit(x), trainer.model.target_encoder(x))
+
+
+def test_impossible_mask_is_rejected_before_ray_starts(tmp_path):
+    job = [sys.executable, str(ROOT / "jobs" / "pretrain.py"), "--config", str(ROOT / "configs" / "tiny.yaml"),
+           "--out", str(tmp_path), "--set", "mask.rb_target_scale=[0.9, 1.0]", "--set", "mask.schedule=rb"]
+    done = subprocess.run(job, capture_output=True, text=True, timeout=120, env={**os.environ, "RAY_ADDRESS": ""})
+    assert done.returncode == 2
+    assert "mask.rb_target_scale" in done.stderr
+    assert "Ray" not in done.stderr and not list(tmp_path.iterdir())
+
+
+# ------------------------------------------------------------------------------------ real Ray Train
+
+
+@pytest.fixture(scope="module")
+def small_store(tmp_path_factory, ray_local):
+    """128 real instrument clips (one note per program per family slot) in a store."""
+    from ajepa import data
+    from ajepa.demo_data import build_demo_audio
+
+    root = tmp_path_factory.mktemp("pretrain-data")
+    manifest = build_demo_audio(root / "audio", programs=range(0, 128, 2), notes_per_program=3)
+    return data.build_store(manifest, root / "store", load_config(ROOT / "configs" / "tiny.yaml").audio).out
+
+
+def ray_cfg(tmp_path, *extra):
+    return micro_cfg("run.workers=2", "run.cpus_per_worker=0.5", "run.torch_threads=1", "optim.steps=8",
+                     "run.log_every=2", "run.checkpoint_every=2", f"run.out_dir={tmp_path}", *extra)
+
+
+def metric_steps(result, key="loss"):
+    client = mlflow.MlflowClient(result.tracking_uri)
+    return [(m.step, m.value) for m in sorted(client.get_metric_history(result.mlflow_run_id, key),
+                                              key=lambda m: m.step)]
+
+
+@pytest.mark.slow
+def test_killed_worker_is_restarted_and_the_run_completes(tmp_path, small_store, monkeypatch):
+    monkeypatch.setenv(pretrain.FAULT_ENV, "5")
+    cfg = ray_cfg(tmp_path, "run.max_failures=1")
+    result = pretrain.run_pretrain(cfg, store=small_store)
+    assert (result.run_dir / "fault_injected").exists(), "the fault was never injected"
+    assert result.step == 8 and result.checkpoint.name == "step_00000008"
+    steps = [s for s, _ in metric_steps(result)]
+    assert steps[-1] == 8 and {2, 4, 6, 8} <= set(steps)
+    run = mlflow.MlflowClient(result.tracking_uri).get_run(result.mlflow_run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["model.embed_dim"] == "64" and run.data.params["optim.steps"] == "8"
+    artifacts = {a.path for a in mlflow.MlflowClient(result.tracking_uri).list_artifacts(result.mlflow_run_id)}
+    assert {"config.yaml", "masks.png", "encoder.safetensors", "data"} <= artifacts
+    assert load_file(str(result.encoder))
+
+
+@pytest.mark.slow
+def test_stopped_run_resumes_at_its_checkpoint_and_continues(tmp_path, small_store, monkeypatch):
+    from ray.train import TrainingFailedError
+
+    monkeypatch.setenv(pretrain.FAULT_ENV, "5")
+    cfg = ray_cfg(tmp_path, "optim.steps=10", "run.name=stopped", "run.max_failures=0")
+    with pytest.raises(TrainingFailedError):
+        pretrain.run_pretrain(cfg, store=small_store)
+    monkeypatch.delenv(pretrain.FAULT_ENV)
+    result = pretrain.run_pretrain(load_config(None, [f"run.out_dir={tmp_path}"]), resume="stopped")
+    assert result.step == 10 and result.name == "stopped"
+    history = metric_steps(result)
+    steps = [s for s, _ in history]
+    assert steps == sorted(steps) and steps[0] == 2 and steps[-1] == 10
+    assert 6 in steps, "the resumed run logged the steps after its checkpoint"
+    losses = dict(history)
+    assert losses[10] < losses[2]
+    with pytest.raises(Exception, match="already exists; use --resume stopped"):
+        pretrain.run_pretrain(cfg, store=small_store)
