@@ -19,6 +19,7 @@ system-deps:
 
 demo: venv system-deps
 	$(PY) jobs/prepare_data.py --input demo
+	$(PY) jobs/pretrain.py --config tiny --out runs
 
 test: venv system-deps
 	$(PY) -m pytest -q

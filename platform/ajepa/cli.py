@@ -9,8 +9,18 @@ from pathlib import Path
 from ajepa.config import ConfigError, load_config
 
 
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+
+
+def config_path(value: str) -> Path:
+    """A YAML path, or the name of a shipped config (tiny, small, base, large) in configs/."""
+    named = CONFIG_DIR / f"{value}.yaml"
+    return named if "/" not in value and not value.endswith(".yaml") and named.exists() else Path(value)
+
+
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", type=Path, default=None, help="YAML config (default: built-in defaults)")
+    parser.add_argument("--config", type=config_path, default=config_path("tiny"),
+                        help="YAML config or a shipped config's name: tiny (default, CPU), small, base, large")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one config value, e.g. --set optim.lr=1e-3 (repeatable)")
     parser.add_argument("--out", type=Path, default=None, help="output folder")
