@@ -24,7 +24,9 @@ def init_ray(num_cpus: int | None = None, quiet: bool = True) -> None:
 
     if ray.is_initialized():
         return
-    kwargs = {"runtime_env": {"py_modules": [package_dir()]}}
+    # Train V2's print patch would show every worker line twice in the driver's output.
+    env_vars = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+    kwargs = {"runtime_env": {"py_modules": [package_dir()], "env_vars": env_vars}}
     if quiet:
         kwargs["logging_level"] = logging.WARNING
     if os.environ.get("RAY_ADDRESS"):

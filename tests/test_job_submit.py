@@ -1,0 +1,57 @@
+"""`ray job submit --working-dir .` against a real head node: the job and its Ray Data workers import ajepa."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import soundfile as sf
+
+from conftest import tone
+
+ROOT = Path(__file__).resolve().parents[1]
+RAY = str(Path(sys.executable).parent / "ray")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_prepare_data_job_runs_on_a_submitted_cluster(tmp_path):
+    src = tmp_path / "audio"
+    for label in ("low", "high"):
+        (src / label).mkdir(parents=True)
+        for i in range(3):
+            sf.write(src / label / f"{i}.wav", tone(1.0, 16000, freq=200.0 if label == "low" else 2000.0, seed=i), 16000)
+    dashboard = free_port()
+    # Token auth is on for new clusters (Ray >= 2.59): the client must say so to send the token.
+    # The venv is "activated" so that the job's `python` is the one ajepa's dependencies live in.
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env.pop("RAY_ADDRESS", None)
+    head = subprocess.Popen(
+        [RAY, "start", "--head", "--block", "--num-cpus=2", "--disable-usage-stats", f"--port={free_port()}",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--include-dashboard=true"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        address = f"http://127.0.0.1:{dashboard}"
+        submit = [RAY, "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
+                  "python", "jobs/prepare_data.py", "--input", str(src), "--out", str(tmp_path / "store")]
+        deadline = time.monotonic() + 90
+        while True:  # the job server takes a few seconds to come up
+            done = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=300)
+            if done.returncode == 0 or time.monotonic() > deadline or "Failed to connect" not in done.stdout + done.stderr:
+                break
+            time.sleep(3)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        assert "6 clips written, 0 failed" in done.stdout
+        assert (tmp_path / "store" / "stats.json").exists()
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        head.wait(timeout=60)
