@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import soundfile as sf
-
 from conftest import tone
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,7 +28,8 @@ def test_prepare_data_job_runs_on_a_submitted_cluster(tmp_path):
     for label in ("low", "high"):
         (src / label).mkdir(parents=True)
         for i in range(3):
-            sf.write(src / label / f"{i}.wav", tone(1.0, 16000, freq=200.0 if label == "low" else 2000.0, seed=i), 16000)
+            freq = 200.0 if label == "low" else 2000.0
+            sf.write(src / label / f"{i}.wav", tone(1.0, 16000, freq=freq, seed=i), 16000)
     dashboard = free_port()
     # Token auth is on for new clusters (Ray >= 2.59): the client must say so to send the token.
     # The venv is "activated" so that the job's `python` is the one ajepa's dependencies live in.
@@ -46,7 +46,8 @@ def test_prepare_data_job_runs_on_a_submitted_cluster(tmp_path):
         deadline = time.monotonic() + 90
         while True:  # the job server takes a few seconds to come up
             done = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=300)
-            if done.returncode == 0 or time.monotonic() > deadline or "Failed to connect" not in done.stdout + done.stderr:
+            not_up = "Failed to connect" in done.stdout + done.stderr
+            if done.returncode == 0 or not not_up or time.monotonic() > deadline:
                 break
             time.sleep(3)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

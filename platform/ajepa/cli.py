@@ -8,7 +8,6 @@ from pathlib import Path
 
 from ajepa.config import ConfigError, load_config
 
-
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 
 
