@@ -39,7 +39,7 @@ def baseline(files: list[Path], cfg: AudioConfig, out: Path) -> float:
     specs, frames = [], []
     for path in files:
         spec = spectrogram_from_bytes(path.read_bytes(), cfg)
-        specs.append(spec.fbank.numpy().astype(np.float16).reshape(-1))
+        specs.append(spec.fbank.numpy().astype(np.float16).tobytes())  # the store's format
         frames.append(spec.n_frames)
     table = pa.table({"path": [str(p) for p in files], "fbank": specs, "n_frames": frames})
     pq.write_table(table, out)

@@ -56,3 +56,5 @@ def test_prepare_data_job_runs_on_a_submitted_cluster(tmp_path):
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         head.wait(timeout=60)
+        # `ray start` records its address for later `ray.init()` calls; the cluster is gone, so is the record.
+        Path("/tmp/ray/ray_current_cluster").unlink(missing_ok=True)

@@ -93,7 +93,11 @@ def test_store_rows_equal_the_audio_pipeline_and_stats_are_exact(ray_local, tmp_
     ds = data.read_store(tmp_path / "store", split=None)
     assert ds.count() == 3
     batch = ds.take_batch(3, batch_format="numpy")
-    assert batch["fbank"].shape == (3, 128, 128)
+    by_id = dict(zip(arrays.ids, arrays.fbank, strict=True))
+    decoded = data.decode_fbank(batch["fbank"], (128, 128))
+    assert decoded.shape == (3, 128, 128) and decoded.dtype == np.float16
+    for row_id, fb in zip(batch["id"], decoded, strict=True):
+        assert np.array_equal(fb, by_id[row_id])
 
 
 def test_manifest_keeps_splits_labels_and_extra_columns(ray_local, tmp_path):

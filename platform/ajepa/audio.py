@@ -11,7 +11,6 @@ import io
 from dataclasses import dataclass
 
 import numpy as np
-import soundfile as sf
 import torch
 import torchaudio
 
@@ -32,6 +31,8 @@ class Spectrogram:
 
 def decode(data: bytes) -> tuple[np.ndarray, int]:
     """Decode an encoded audio file to float32 samples of shape (n_samples, channels) and its rate."""
+    import soundfile as sf  # here, not at the top: training and GPU benchmarks never decode audio
+
     if not data:
         raise AudioError("empty file")
     try:

@@ -2,11 +2,16 @@
 
 Store layout (a folder on any filesystem the cluster shares):
 
-    split=train/*.parquet   id, path, label, [extra manifest columns], fbank (tensor, float16, T x F),
+    split=train/*.parquet   id, path, label, [extra manifest columns], fbank (T x F float16, raw bytes),
     split=val/*.parquet     n_frames, frame_sum, frame_sumsq (over real frames, for the stats)
     split=test/*.parquet
     stats.json              audio config, mean/std over real frames, classes, counts per split, failures
     failures.csv            path,reason for every input that could not become a spectrogram
+
+The fbank column holds each spectrogram's raw float16 bytes; its shape is `audio.target_frames x
+audio.num_mel_bins` in stats.json. Measured here on 63 rows of 1024 x 128: Parquet writes that in 0.02 s and
+reads it in 0.013 s, against 0.33 s and 0.18 s for Ray's tensor extension column (a fixed-size list), which
+would have cost more than the fbank computation itself. `decode_fbank` turns the column back into an array.
 
 This module is the only place that builds Ray Datasets.
 """
@@ -36,7 +41,6 @@ AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".mp3", ".aiff", ".aif", ".
 SPLITS = ("train", "val", "test")
 MANIFEST_RESERVED = ("id", "fbank", "n_frames", "frame_sum", "frame_sumsq", "status", "reason")
 STORE_VERSION = 1
-ROWS_PER_SHARD = 1024
 
 
 class StoreError(RuntimeError):
@@ -153,16 +157,13 @@ def _read_bytes(path: str) -> bytes:
 
 
 def process_batch(batch: dict[str, np.ndarray], cfg: AudioConfig) -> dict[str, np.ndarray]:
-    """Ray Data map_batches function: every input row comes out, with status 'ok' or 'failed' + reason.
-
-    Failed rows carry an all-zero fbank so the batch keeps one schema; Parquet compresses it to almost
-    nothing and the build moves failed rows to failures.csv.
-    """
+    """Ray Data map_batches function: every input row comes out, with status 'ok' or 'failed' + reason
+    (failed rows have an empty fbank; the build moves them to failures.csv)."""
     import torch
 
     torch.set_num_threads(1)  # one task per CPU: threads inside a task would only contend
     n = len(batch["path"])
-    fbanks = np.zeros((n, cfg.target_frames, cfg.num_mel_bins), dtype=np.float16)
+    fbanks = np.full(n, b"", dtype=object)
     n_frames = np.zeros(n, dtype=np.int32)
     sums = np.zeros(n, dtype=np.float64)
     sumsqs = np.zeros(n, dtype=np.float64)
@@ -175,7 +176,7 @@ def process_batch(batch: dict[str, np.ndarray], cfg: AudioConfig) -> dict[str, n
             status[i], reasons[i] = "failed", str(exc)
             continue
         real = spec.fbank[: spec.n_frames].double()
-        fbanks[i] = spec.fbank.numpy().astype(np.float16)
+        fbanks[i] = spec.fbank.numpy().astype(np.float16).tobytes()
         n_frames[i] = spec.n_frames
         sums[i] = real.sum().item()
         sumsqs[i] = real.square().sum().item()
@@ -187,9 +188,9 @@ def process_batch(batch: dict[str, np.ndarray], cfg: AudioConfig) -> dict[str, n
 
 
 def rows_per_task(n_rows: int, cpus: int) -> int:
-    """About four tasks per CPU: enough to balance load, few enough that per-task overhead (measured at
-    ~0.3 s here) stays small next to ~12 ms of work per 10 s clip."""
-    return max(16, min(256, math.ceil(n_rows / (4 * max(cpus, 1)))))
+    """About eight tasks per CPU: enough to balance load, few enough that per-task overhead stays small next
+    to ~10 ms of work per 10 s clip. Each task writes one Parquet file (at most 256 rows)."""
+    return max(16, min(256, math.ceil(n_rows / (8 * max(cpus, 1)))))
 
 
 def _staging_dir(out: Path) -> Path:
@@ -203,6 +204,7 @@ def build_store(source: str | Path, out: str | Path, cfg: AudioConfig, *, overwr
     and an existing store is only replaced (with `overwrite`) once the new one is complete.
     """
     import ray
+    import ray.data
 
     from ajepa.runtime import init_ray
 
@@ -221,14 +223,20 @@ def build_store(source: str | Path, out: str | Path, cfg: AudioConfig, *, overwr
     out.parent.mkdir(parents=True, exist_ok=True)
     init_ray()  # only now: bad input is reported without waiting for a cluster
     staging = _staging_dir(out)
+    # The build is one fused read->fbank->write operator: per-operator resource reservation only held it to
+    # one CPU at the start (measured: 500 x 10 s clips in 5.0 s with it, 3.4 s without, on 2 CPUs).
+    context = ray.data.DataContext.get_current()
+    reservation = context.op_resource_reservation_enabled
+    context.op_resource_reservation_enabled = False
     try:
         per_task = rows_per_task(len(rows), int(ray.cluster_resources().get("CPU", 1)))
         ds = ray.data.from_items(rows, override_num_blocks=math.ceil(len(rows) / per_task))
         ds = ds.map_batches(process_batch, fn_kwargs={"cfg": cfg}, batch_size=per_task, batch_format="numpy")
-        ds.write_parquet(str(staging / "rows"), partition_cols=["status", "split"],
-                         min_rows_per_file=ROWS_PER_SHARD)
+        # One file per task: min_rows_per_file would funnel every row through a single writer task.
+        ds.write_parquet(str(staging / "rows"), partition_cols=["status", "split"])
         summary = _finalise(staging, out, cfg, source, overwrite)
     finally:
+        context.op_resource_reservation_enabled = reservation
         shutil.rmtree(staging, ignore_errors=True)
     return summary
 
@@ -290,6 +298,16 @@ def _stats(meta: pa.Table, cfg: AudioConfig, failed: int, source: Path) -> dict[
 # ---------------------------------------------------------------------------------------------- reading
 
 
+def fbank_shape(audio: dict[str, Any]) -> tuple[int, int]:
+    return audio["target_frames"], audio["num_mel_bins"]
+
+
+def decode_fbank(column: Any, shape: tuple[int, int]) -> np.ndarray:
+    """A batch of stored fbank byte strings -> (N, T, F) float16, with one copy."""
+    flat = np.frombuffer(b"".join(column), dtype=np.float16)
+    return flat.reshape(len(column), *shape)
+
+
 def read_stats(store: str | Path) -> dict[str, Any]:
     path = Path(store) / "stats.json"
     try:
@@ -309,7 +327,8 @@ def _split_dirs(store: Path, split: str | None) -> list[str]:
 
 
 def read_store(store: str | Path, split: str | None = "train", columns: list[str] | None = None):
-    """A Ray Dataset over one split (or all with split=None) of the store, for training shards."""
+    """A Ray Dataset over one split (or all with split=None) of the store, for training shards.
+    Its fbank column is bytes: `decode_fbank(batch["fbank"], fbank_shape(stats["audio"]))` per batch."""
     import ray
 
     store = Path(store)
@@ -348,9 +367,7 @@ def load_store(store: str | Path, split: str | None = None, limit: int | None = 
     table = pa.concat_tables(tables, promote_options="default")
     if limit is not None:
         table = table.slice(0, limit)
-    # Without Ray's tensor extension registered, pyarrow yields flat rows: restore the stored shape.
-    flat = np.stack(table.column("fbank").to_numpy(zero_copy_only=False))
-    fbank = flat.reshape(table.num_rows, audio["target_frames"], audio["num_mel_bins"]).astype(np.float16)
+    fbank = decode_fbank(table.column("fbank").to_pylist(), fbank_shape(audio))
     skip = {"id", "label", "fbank", "n_frames", "frame_sum", "frame_sumsq", "reason"}
     extra = {c: table.column(c).to_pylist() for c in table.column_names if c not in skip}
     return StoreArrays(table.column("id").to_pylist(), table.column("label").to_pylist(), fbank,

@@ -32,7 +32,8 @@ def init_ray(num_cpus: int | None = None, quiet: bool = True) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(**kwargs)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
+        # "local", not None: None would join any cluster `ray start` left on this machine (even a dead one).
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **kwargs)
     ray.data.DataContext.get_current().enable_progress_bars = not quiet
     if quiet:
         logging.getLogger("ray.data").setLevel(logging.WARNING)

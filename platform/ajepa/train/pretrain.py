@@ -7,12 +7,13 @@ directly. `train_loop_per_worker` adds the Ray parts: its data shard, checkpoint
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -84,13 +85,19 @@ class Pretrainer:
             if group.get("name") == "decay":
                 group["weight_decay"] = wd
 
-    def train_step(self, micro_batches: list[tuple[Tensor, Tensor]]) -> dict[str, float]:
-        """One optimizer step over `grad_accum` micro-batches of (fbank, n_frames)."""
+    def train_step(self, micro_batches: list[tuple[Tensor, Tensor]],
+                   lap: Callable[[str], None] | None = None) -> dict[str, float]:
+        """One optimizer step over `grad_accum` micro-batches of (fbank, n_frames).
+
+        `lap(phase)` is called as each phase ends (data, forward, backward, grad_norm, optimizer, ema,
+        other): the throughput benchmark passes one that syncs the device and reads a clock."""
+        lap = lap or _no_lap
         self.set_schedules()
         seed = np.random.SeedSequence([self.cfg.run.seed, self.step, self.rank]).generate_state(1)[0]
         generator = torch.Generator().manual_seed(int(seed))  # crops, rolls, gains: exact on resume
-        timings = {"data": 0.0, "compute": 0.0}
+        data_time = 0.0
         fractions = []
+        lap("other")
         for micro, (fbank, n_frames) in enumerate(micro_batches):
             start = time.perf_counter()
             x = self.prepare(fbank, n_frames, generator)
@@ -98,27 +105,38 @@ class Pretrainer:
             ctx = masks.context.to(self.device, non_blocking=True)
             tgt = masks.targets.to(self.device, non_blocking=True)
             fractions.append((masks.context_fraction, masks.target_fraction, masks.family == "tf"))
-            timings["data"] += time.perf_counter() - start
+            data_time += time.perf_counter() - start
+            lap("data")
             last = micro == len(micro_batches) - 1
-            sync = self.net.no_sync() if (not last and self.net is not self.model) else _null()
-            with sync, self.amp:
-                loss, _ = self.net(x, ctx, tgt)
-            (loss / len(micro_batches)).backward()
+            sync = self.net.no_sync() if (not last and self.net is not self.model) else contextlib.nullcontext()
+            with sync:
+                with self.amp:
+                    loss, _ = self.net(x, ctx, tgt)
+                lap("forward")
+                (loss / len(micro_batches)).backward()
             self._pending.append(loss.detach())
-        clip = self.cfg.optim.clip_grad if self.cfg.optim.clip_grad > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
+            lap("backward")
+        if self.cfg.optim.clip_grad > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.optim.clip_grad)
+        else:  # the norm alone, for the logs: clip_grad_norm_(inf) would also rescale every gradient by 1
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
+        lap("grad_norm")
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        lap("optimizer")
         self.step += 1
         self.model.update_target(schedules.ema_momentum(self.step, self.cfg.optim))
+        lap("ema")
         self._grad_norm = grad_norm.detach()
         n = len(fractions)
-        return {
+        info = {
             "context_fraction": sum(f[0] for f in fractions) / n,
             "target_fraction": sum(f[1] for f in fractions) / n,
             "tf_batch": float(fractions[0][2]),
-            "data_time": timings["data"],
+            "data_time": data_time,
         }
+        lap("other")
+        return info
 
     def metrics(self) -> dict[str, float]:
         """Scalars for logging; the one host sync of the logging interval happens here."""
@@ -162,12 +180,8 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return state
 
 
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
+def _no_lap(phase: str) -> None:
+    return None
 
 
 def _plain(obj: Any) -> Any:
@@ -182,13 +196,15 @@ def _plain(obj: Any) -> Any:
 # ------------------------------------------------------------------------------------------ Ray worker
 
 
-def _batches(shard: Any, batch_size: int, device: torch.device) -> Iterator[tuple[Tensor, Tensor]]:
+def _batches(shard: Any, batch_size: int, shape: tuple[int, int]) -> Iterator[tuple[Tensor, Tensor]]:
     """Endless full batches from this worker's shard. The trainer splits with equal=True and we drop the
     last partial batch, so every rank sees the same number of batches per epoch (no DDP hang)."""
+    from ajepa.data import decode_fbank
+
     while True:
-        for batch in shard.iter_torch_batches(batch_size=batch_size, drop_last=True,
-                                              dtypes={"fbank": torch.float16, "n_frames": torch.int64}):
-            yield batch["fbank"], batch["n_frames"]
+        for batch in shard.iter_batches(batch_size=batch_size, drop_last=True, batch_format="numpy"):
+            fbank = torch.from_numpy(decode_fbank(batch["fbank"], shape))
+            yield fbank, torch.from_numpy(batch["n_frames"].astype(np.int64))
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -209,7 +225,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         with checkpoint.as_directory() as folder:
             trainer.load(Path(folder) / CHECKPOINT_FILE)
     tracker = Tracker.attach(config["tracking_uri"], config["mlflow_run_id"]) if rank == 0 else NullTracker()
-    batches = _batches(ray.train.get_dataset_shard("train"), cfg.data.batch_size, device)
+    batches = _batches(ray.train.get_dataset_shard("train"), cfg.data.batch_size, tuple(config["fbank_shape"]))
     fault_step = config.get("fault_at_step")
     total, accum = cfg.optim.steps, cfg.optim.grad_accum
     global_batch = cfg.data.batch_size * accum * world
@@ -348,6 +364,7 @@ def run_pretrain(cfg: Config, *, store: str | Path | None = None, resume: str | 
 
     init_ray()
     loop_config = {"config": _plain(cfg.to_dict()), "mean": stats["mean"], "std": stats["std"],
+                   "fbank_shape": data.fbank_shape(stats["audio"]),
                    "tracking_uri": uri, "mlflow_run_id": run_id,
                    "fault_marker": str(run_dir / "fault_injected")}
     if os.environ.get(FAULT_ENV):
