@@ -85,7 +85,7 @@ def list_folder(root: Path) -> list[Clip]:
     clips = []
     # os.walk does not follow symlinked folders, so a symlink loop cannot trap it; a file symlink that
     # loops is listed and then fails to read, which failures.csv records.
-    for folder, dirs, files in os.walk(root, onerror=None):
+    for folder, dirs, files in os.walk(root):
         dirs.sort()
         for name in sorted(files):
             if not name.lower().endswith(AUDIO_EXTENSIONS):

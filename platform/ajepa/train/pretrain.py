@@ -61,7 +61,8 @@ class Pretrainer:
                                            betas=cfg.optim.betas, fused=device.type == "cuda")
         self.amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
         self.step = 0
-        self._pending: list[Tensor] = []  # losses since the last `metrics()`, kept on device: no sync per step
+        # (loss, target_std, pred_std) since the last `metrics()`, kept on device: no host sync per step
+        self._pending: list[Tensor] = []
 
     # -------------------------------------------------------------------------------------------- steps
     def prepare(self, fbank: Tensor, n_frames: Tensor, generator: torch.Generator) -> Tensor:
@@ -111,10 +112,10 @@ class Pretrainer:
             sync = self.net.no_sync() if (not last and self.net is not self.model) else contextlib.nullcontext()
             with sync:
                 with self.amp:
-                    loss, _ = self.net(x, ctx, tgt)
+                    loss, aux = self.net(x, ctx, tgt)
                 lap("forward")
                 (loss / len(micro_batches)).backward()
-            self._pending.append(loss.detach())
+            self._pending.append(torch.stack([loss.detach(), aux["target_std"], aux["pred_std"]]))
             lap("backward")
         if self.cfg.optim.clip_grad > 0:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.optim.clip_grad)
@@ -140,10 +141,13 @@ class Pretrainer:
 
     def metrics(self) -> dict[str, float]:
         """Scalars for logging; the one host sync of the logging interval happens here."""
-        loss = torch.stack(self._pending).mean().item() if self._pending else float("nan")
+        nan = float("nan")
+        loss, target_std, pred_std = torch.stack(self._pending).mean(0).tolist() if self._pending else (nan,) * 3
         self._pending.clear()
         return {
             "loss": loss,
+            "target_std": target_std,  # both fall towards 0 if the representations collapse
+            "pred_std": pred_std,
             "grad_norm": float(self._grad_norm.item()),
             "lr": schedules.learning_rate(self.step - 1, self.cfg.optim),
             "wd": schedules.weight_decay(self.step - 1, self.cfg.optim),
