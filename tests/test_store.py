@@ -190,3 +190,17 @@ def test_hash_split_is_deterministic_and_near_the_ratios():
 def test_reading_a_folder_that_is_not_a_store_is_a_clear_error(tmp_path):
     with pytest.raises(data.StoreError, match="not a spectrogram store"):
         data.read_store(tmp_path)
+
+
+@pytest.mark.slow
+def test_demo_store_is_built_from_nothing_then_cached(ray_local, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("AJEPA_CACHE", str(tmp_path / "cache"))
+    assert cli.main(["prepare-data", "--input", "demo"]) == 0
+    assert "1280 clips written, 0 failed (train 960, val 160, test 160)" in capsys.readouterr().out
+    stats = data.read_stats(tmp_path / "cache" / "demo-store-128f")
+    assert len(stats["classes"]) == 16 and stats["audio"]["target_frames"] == 128
+    test_programs = set(data.load_store(tmp_path / "cache" / "demo-store-128f", split="test").extra["program"])
+    train_programs = set(data.load_store(tmp_path / "cache" / "demo-store-128f", split="train").extra["program"])
+    assert len(test_programs) == 16 and not test_programs & train_programs  # held-out instruments
+    assert cli.main(["prepare-data", "--input", "demo"]) == 0
+    assert "demo store already built: 1280 clips, 16 classes" in capsys.readouterr().out

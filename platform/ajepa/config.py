@@ -206,7 +206,8 @@ class Config:
                f"{self.data.crop_frames} is not divisible by model.patch_size {patch}")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Plain nested dicts and lists (tuples become lists): safe for YAML, JSON, Ray and torch.load."""
+        return _plain(dataclasses.asdict(self))
 
     def flat(self) -> dict[str, Any]:
         """`section.key -> value`, e.g. for MLflow params."""
@@ -318,12 +319,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     return config_from_dict(data, overrides, source=str(path))
 
 
-def save_config(cfg: Config, path: str | Path) -> None:
-    def plain(obj: Any) -> Any:
-        if isinstance(obj, dict):
-            return {k: plain(v) for k, v in obj.items()}
-        if isinstance(obj, tuple):
-            return [plain(v) for v in obj]
-        return obj
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
 
-    Path(path).write_text(yaml.safe_dump(plain(cfg.to_dict()), sort_keys=False))
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -158,7 +158,7 @@ class Pretrainer:
     # ---------------------------------------------------------------------------------------- checkpoint
     def state_dict(self) -> dict[str, Any]:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "step": self.step,
-                "config": _plain(self.cfg.to_dict())}
+                "config": self.cfg.to_dict()}
 
     def save(self, path: Path) -> None:
         torch.save(self.state_dict(), path)
@@ -186,15 +186,6 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 
 def _no_lap(phase: str) -> None:
     return None
-
-
-def _plain(obj: Any) -> Any:
-    """Tuples to lists, so the config survives JSON and torch's weights_only loader alike."""
-    if isinstance(obj, dict):
-        return {k: _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    return obj
 
 
 # ------------------------------------------------------------------------------------------ Ray worker
@@ -362,12 +353,12 @@ def run_pretrain(cfg: Config, *, store: str | Path | None = None, resume: str | 
         tracker.log_artifact(Path(store) / "stats.json", "data")
         tracker.log_artifact(plot_mask_examples(cfg.mask, patch_grid(cfg), run_dir / "masks.png"))
         (run_dir / RUN_FILE).write_text(json.dumps({"name": name, "store": str(store), "mlflow_run_id": run_id,
-                                                    "tracking_uri": uri, "config": _plain(cfg.to_dict())}, indent=2))
+                                                    "tracking_uri": uri, "config": cfg.to_dict()}, indent=2))
     else:
         tracker = tracking.Tracker.attach(uri, run_id)
 
     init_ray()
-    loop_config = {"config": _plain(cfg.to_dict()), "mean": stats["mean"], "std": stats["std"],
+    loop_config = {"config": cfg.to_dict(), "mean": stats["mean"], "std": stats["std"],
                    "fbank_shape": data.fbank_shape(stats["audio"]),
                    "tracking_uri": uri, "mlflow_run_id": run_id,
                    "fault_marker": str(run_dir / "fault_injected")}
