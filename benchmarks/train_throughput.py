@@ -178,7 +178,7 @@ class Bench:
         self.pool = make_pool(cfg, batch, pin)
         self.ours = Pretrainer(cfg, MEAN, STD, device)
         self.base = Baseline(cfg, device)
-        # Pretrainer steps run n_steps in all (ours and its instrumented copy share the step counter); the
+        # Pretrainer steps run n_steps in all (ours and its instrumented runs share the step counter); the
         # baseline replays the steps ours ran, with their masks, staged on the device before its timing.
         self.masks = presample(cfg, batch, range(n_steps), family)
         self.dev_masks: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
@@ -269,7 +269,7 @@ def main() -> None:
     warmup = args.warmup if args.warmup is not None else (5 if cuda else 3)
     rounds = args.rounds or (5 if cuda else 11)
     accum = cfg.optim.grad_accum
-    # Pretrainer steps in the whole run: warm-up and timed steps of ours and of its instrumented copy.
+    # Pretrainer steps in the whole run: warm-up and timed steps of ours, plain and instrumented.
     total_steps = 2 * (warmup + rounds * steps)
     clock = Clock(device)
 

@@ -9,7 +9,7 @@ import mlflow
 import numpy as np
 import pytest
 import torch
-from ajepa.config import load_config
+from ajepa.config import ConfigError, load_config
 from ajepa.models.vit import VisionTransformer
 from ajepa.train import pretrain
 from ajepa.train.pretrain import CheckpointError, Pretrainer, export_encoder, load_checkpoint
@@ -178,3 +178,16 @@ def test_stopped_run_resumes_at_its_checkpoint_and_continues(tmp_path, small_sto
     assert losses[10] < losses[2]
     with pytest.raises(Exception, match="already exists; use --resume stopped"):
         pretrain.run_pretrain(cfg, store=small_store)
+
+
+def test_resume_with_a_damaged_run_record_names_the_file(tmp_path):
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / pretrain.RUN_FILE).write_text("{not json")
+    cfg = load_config(None, [f"run.out_dir={tmp_path}"])
+    with pytest.raises(ConfigError, match=f"{tmp_path / 'broken' / pretrain.RUN_FILE}: unreadable run record"):
+        pretrain.run_pretrain(cfg, resume="broken")
+    (tmp_path / "broken" / pretrain.RUN_FILE).write_text('{"config": {}}')
+    with pytest.raises(ConfigError, match="run record lacks mlflow_run_id, store, tracking_uri"):
+        pretrain.run_pretrain(cfg, resume="broken")
+    with pytest.raises(ConfigError, match="--resume nowhere: no run found"):
+        pretrain.run_pretrain(cfg, resume="nowhere")

@@ -100,6 +100,11 @@ def normalize(spec: torch.Tensor, mean: float, std: float) -> torch.Tensor:
     return (spec - mean) / (2.0 * std)
 
 
+def _take_frames(spec: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Per-clip frame selection: (B, T, F) with index (B, T') -> (B, T', F)."""
+    return spec.gather(1, index[:, :, None].expand(-1, -1, spec.shape[2]).to(spec.device))
+
+
 def random_crop(spec: torch.Tensor, n_frames: torch.Tensor, crop: int, generator: torch.Generator) -> torch.Tensor:
     """(B, T, F) -> (B, crop, F): a random start within each clip's real frames (start 0 when it is shorter)."""
     batch, frames, _ = spec.shape
@@ -107,8 +112,7 @@ def random_crop(spec: torch.Tensor, n_frames: torch.Tensor, crop: int, generator
         return torch.nn.functional.pad(spec, (0, 0, 0, crop - frames))
     room = (n_frames.clamp(max=frames) - crop).clamp(min=0).to(torch.float64)
     starts = (torch.rand(batch, generator=generator, dtype=torch.float64) * (room + 1)).floor().long()
-    index = starts[:, None] + torch.arange(crop)[None, :]
-    return spec.gather(1, index[:, :, None].expand(-1, -1, spec.shape[2]).to(spec.device))
+    return _take_frames(spec, starts[:, None] + torch.arange(crop)[None, :])
 
 
 def augment(spec: torch.Tensor, gain_db: float, roll: bool, generator: torch.Generator) -> torch.Tensor:
@@ -118,8 +122,7 @@ def augment(spec: torch.Tensor, gain_db: float, roll: bool, generator: torch.Gen
     batch, frames, _ = spec.shape
     if roll:
         shifts = torch.randint(0, frames, (batch,), generator=generator)
-        index = (torch.arange(frames)[None, :] - shifts[:, None]) % frames
-        spec = spec.gather(1, index[:, :, None].expand(-1, -1, spec.shape[2]).to(spec.device))
+        spec = _take_frames(spec, (torch.arange(frames)[None, :] - shifts[:, None]) % frames)
     if gain_db > 0:
         gains = (torch.rand(batch, generator=generator) * 2 - 1) * gain_db * (np.log(10.0) / 10.0)
         spec = spec + gains.to(spec.device, spec.dtype)[:, None, None]

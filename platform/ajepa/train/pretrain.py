@@ -315,6 +315,17 @@ def resolve_resume(resume: str, out: Path) -> tuple[Path, str]:
     raise ConfigError(f"--resume {resume}: no run found (looked for {looked})")
 
 
+def _read_run_file(path: Path) -> dict[str, Any]:
+    try:
+        saved = json.loads(path.read_text())
+        missing = {"config", "store", "mlflow_run_id", "tracking_uri"} - set(saved)
+    except (OSError, json.JSONDecodeError, TypeError) as exc:
+        raise ConfigError(f"{path}: unreadable run record ({exc})") from None
+    if missing:
+        raise ConfigError(f"{path}: run record lacks {', '.join(sorted(missing))}")
+    return saved
+
+
 def run_pretrain(cfg: Config, *, store: str | Path | None = None, resume: str | None = None,
                  overrides: list[str] = ()) -> PretrainResult:
     """Pretrain on Ray Train. Everything that can be checked is checked before a cluster is started."""
@@ -328,14 +339,15 @@ def run_pretrain(cfg: Config, *, store: str | Path | None = None, resume: str | 
     out = Path(cfg.run.out_dir).expanduser().absolute()
     if resume:
         out, name = resolve_resume(resume, out)
-        saved = json.loads((out / name / RUN_FILE).read_text())
+        saved = _read_run_file(out / name / RUN_FILE)
         cfg = config_from_dict(saved["config"], overrides, source=str(out / name / RUN_FILE))
         store, run_id, uri = saved["store"], saved["mlflow_run_id"], saved["tracking_uri"]
     else:
         name = cfg.run.name or new_run_name()
         if (out / name).exists():
             raise ConfigError(f"run.name: {out / name} already exists; use --resume {name} to continue it")
-    validate_masks(cfg.mask, patch_grid(cfg))
+    grid = patch_grid(cfg)
+    validate_masks(cfg.mask, grid)
     store = _resolve_store(cfg, store)
     stats = data.read_stats(store)
     _check_store(cfg, stats, store, cfg.run.workers)
@@ -351,32 +363,32 @@ def run_pretrain(cfg: Config, *, store: str | Path | None = None, resume: str | 
                             "data.mean": stats["mean"], "data.std": stats["std"]})
         tracker.log_artifact(run_dir / "config.yaml")
         tracker.log_artifact(Path(store) / "stats.json", "data")
-        tracker.log_artifact(plot_mask_examples(cfg.mask, patch_grid(cfg), run_dir / "masks.png"))
+        tracker.log_artifact(plot_mask_examples(cfg.mask, grid, run_dir / "masks.png"))
         (run_dir / RUN_FILE).write_text(json.dumps({"name": name, "store": str(store), "mlflow_run_id": run_id,
                                                     "tracking_uri": uri, "config": cfg.to_dict()}, indent=2))
     else:
         tracker = tracking.Tracker.attach(uri, run_id)
 
-    init_ray()
-    loop_config = {"config": cfg.to_dict(), "mean": stats["mean"], "std": stats["std"],
-                   "fbank_shape": data.fbank_shape(stats["audio"]),
-                   "tracking_uri": uri, "mlflow_run_id": run_id,
-                   "fault_marker": str(run_dir / "fault_injected")}
-    if os.environ.get(FAULT_ENV):
-        loop_config["fault_at_step"] = int(os.environ[FAULT_ENV])
-    use_gpu = cfg.run.gpus_per_worker > 0
-    resources = {"CPU": cfg.run.cpus_per_worker, **({"GPU": cfg.run.gpus_per_worker} if use_gpu else {})}
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=cfg.run.workers, use_gpu=use_gpu,
-                                     resources_per_worker=resources if cfg.run.workers else None),
-        run_config=RunConfig(name=name, storage_path=str(out),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2),
-                             failure_config=FailureConfig(max_failures=cfg.run.max_failures)),
-        datasets={"train": data.read_store(store, "train", columns=["fbank", "n_frames"]).random_shuffle()},
-    )
-    try:
+    try:  # from here on a failure marks the MLflow run FAILED instead of leaving it RUNNING
+        init_ray()
+        loop_config = {"config": cfg.to_dict(), "mean": stats["mean"], "std": stats["std"],
+                       "fbank_shape": data.fbank_shape(stats["audio"]),
+                       "tracking_uri": uri, "mlflow_run_id": run_id,
+                       "fault_marker": str(run_dir / "fault_injected")}
+        if os.environ.get(FAULT_ENV):
+            loop_config["fault_at_step"] = int(os.environ[FAULT_ENV])
+        use_gpu = cfg.run.gpus_per_worker > 0
+        resources = {"CPU": cfg.run.cpus_per_worker, **({"GPU": cfg.run.gpus_per_worker} if use_gpu else {})}
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config=loop_config,
+            scaling_config=ScalingConfig(num_workers=cfg.run.workers, use_gpu=use_gpu,
+                                         resources_per_worker=resources if cfg.run.workers else None),
+            run_config=RunConfig(name=name, storage_path=str(out),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=2),
+                                 failure_config=FailureConfig(max_failures=cfg.run.max_failures)),
+            datasets={"train": data.read_store(store, "train", columns=["fbank", "n_frames"]).random_shuffle()},
+        )
         result = trainer.fit()
     except BaseException:
         tracker.finish("FAILED")
