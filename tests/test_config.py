@@ -37,6 +37,8 @@ def test_yaml_and_overrides(tmp_path):
         ("", ["model.num_heads=5"], "model.num_heads"),
         ("", ["model.depth=two"], "model.depth: expected an integer"),
         ("", ["data.normalize=1"], "data.normalize: expected true or false"),
+        ("", ["model.attention=fast"], "model.attention: must be one of flash, efficient, cudnn, math, auto"),
+        ("", ["run.compile=fast"], "run.compile: expected true or false"),
         ("", ["mask.rb_target_scale=[0.3, 0.1]"], "mask.rb_target_scale"),
         ("", ["mask.rb_target_scale=0.2"], "mask.rb_target_scale: expected a list of 2"),
         ("", ["data.crop_frames=100"], "data.crop_frames"),

@@ -223,3 +223,80 @@ def test_short_optimisation_reduces_loss() -> None:
         model.update_target(0.996)
         losses.append(loss.item())
     assert losses[-1] < 0.7 * losses[0]
+
+
+def test_attention_choices_match_the_config_and_restrict_sdpa_kernels() -> None:
+    from ajepa.config import ATTENTION_CHOICES
+    from ajepa.models.vit import ATTENTION_BACKENDS, attention_backend
+
+    assert set(ATTENTION_CHOICES) == set(ATTENTION_BACKENDS)
+    flags = torch.backends.cuda
+    with attention_backend("flash"):
+        assert flags.flash_sdp_enabled() and flags.mem_efficient_sdp_enabled() and not flags.cudnn_sdp_enabled()
+    with attention_backend("math"):
+        assert flags.math_sdp_enabled() and not flags.flash_sdp_enabled()
+    assert flags.cudnn_sdp_enabled() and flags.flash_sdp_enabled()  # restored on exit
+
+
+@pytest.mark.parametrize("attention", ["flash", "math", "auto"])
+def test_encoder_and_predictor_run_under_the_configured_kernels(attention: str) -> None:
+    model = AJEPA(dataclasses.replace(TINY, attention=attention))
+    seen = []
+    for block in (model.context_encoder.blocks[0], model.predictor.blocks[0]):
+        block.register_forward_pre_hook(lambda *_: seen.append(torch.backends.cuda.cudnn_sdp_enabled()))
+    x = torch.randn(2, 128, 128)
+    ctx, tgt = make_masks(2, 64, 32, 2, 8)
+    loss, _ = model(x, ctx, tgt)
+    assert seen == [attention == "auto"] * 2  # cuDNN (per-shape plans) only when PyTorch chooses
+    torch.manual_seed(0)
+    reference, _ = AJEPA(dataclasses.replace(TINY, attention="math"))(x, ctx, tgt)
+    torch.testing.assert_close(loss, reference, rtol=1e-4, atol=1e-5)
+
+
+def test_grad_checkpointing_gives_the_same_gradients_and_keeps_fewer_activations() -> None:
+    x = torch.randn(2, 128, 128)
+    ctx, tgt = make_masks(2, 64, 32, 2, 8)
+    results = {}
+    for recompute in (False, True):
+        torch.manual_seed(0)
+        model = AJEPA(dataclasses.replace(TINY, grad_checkpointing=recompute))
+        saved: list[int] = []
+
+        def pack(t: torch.Tensor, saved: list[int] = saved) -> torch.Tensor:
+            saved.append(t.numel())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss, _ = model(x, ctx, tgt)
+        loss.backward()
+        results[recompute] = (loss.detach(), [p.grad for p in model.predictor.parameters()], sum(saved))
+    torch.testing.assert_close(results[True][0], results[False][0], rtol=0, atol=0)
+    for g, h in zip(results[True][1], results[False][1], strict=True):
+        torch.testing.assert_close(g, h)
+    assert results[True][2] < 0.5 * results[False][2]
+
+
+@pytest.mark.slow
+def test_compiled_blocks_train_like_eager_ones() -> None:
+    from torch._dynamo.utils import counters
+
+    x = torch.randn(2, 128, 128)
+    ctx, tgt = make_masks(2, 64, 32, 2, 8)
+    losses = {}
+    graphs = counters["stats"]["unique_graphs"]
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = AJEPA(TINY)
+        if compiled:
+            model.compile_blocks()
+        opt = torch.optim.AdamW(model.param_groups(0.0), lr=1e-3)
+        losses[compiled] = []
+        for step in range(3):
+            n = 32 - 4 * step  # the context length changes every step, as masks make it
+            loss, _ = model(x, ctx[:, :n], tgt)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses[compiled].append(loss.item())
+    assert counters["stats"]["unique_graphs"] >= graphs + 2  # encoder and predictor blocks really were compiled
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4)

@@ -100,30 +100,51 @@ def normalize(spec: torch.Tensor, mean: float, std: float) -> torch.Tensor:
     return (spec - mean) / (2.0 * std)
 
 
-def _take_frames(spec: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Per-clip frame selection: (B, T, F) with index (B, T') -> (B, T', F)."""
-    return spec.gather(1, index[:, :, None].expand(-1, -1, spec.shape[2]).to(spec.device))
+@dataclass(frozen=True)
+class Augmentation:
+    """One batch's pretraining augmentation (method.md §1), drawn on the host, applied on the model's device.
+
+    Crop and roll compose into one frame index per clip, so the device does a single gather; the host work
+    is a few numbers per clip and never touches the spectrogram itself."""
+
+    frames: torch.Tensor  # (B, crop) int64: output frame t of clip b is input frame frames[b, t]
+    gain: torch.Tensor  # (B,) float32: added to the log-mel energies (gain jitter; 0 when off)
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> Augmentation:
+        return Augmentation(self.frames.to(device, non_blocking=non_blocking),
+                            self.gain.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> Augmentation:
+        return Augmentation(self.frames.pin_memory(), self.gain.pin_memory())
 
 
-def random_crop(spec: torch.Tensor, n_frames: torch.Tensor, crop: int, generator: torch.Generator) -> torch.Tensor:
-    """(B, T, F) -> (B, crop, F): a random start within each clip's real frames (start 0 when it is shorter)."""
-    batch, frames, _ = spec.shape
-    if frames < crop:
-        return torch.nn.functional.pad(spec, (0, 0, 0, crop - frames))
-    room = (n_frames.clamp(max=frames) - crop).clamp(min=0).to(torch.float64)
-    starts = (torch.rand(batch, generator=generator, dtype=torch.float64) * (room + 1)).floor().long()
-    return _take_frames(spec, starts[:, None] + torch.arange(crop)[None, :])
-
-
-def augment(spec: torch.Tensor, gain_db: float, roll: bool, generator: torch.Generator) -> torch.Tensor:
-    """Pretraining augmentation (method.md §1): random cyclic roll in time and gain jitter in dB.
+def draw_augmentation(n_frames: torch.Tensor, frames: int, crop: int, roll: bool, gain_db: float,
+                      generator: torch.Generator) -> Augmentation:
+    """Random crop within each clip's real frames (start 0 when it is shorter or the stored clip is shorter
+    than `crop`, which is then zero-padded), random cyclic roll of the crop, gain jitter of ±gain_db dB.
 
     A gain of g dB scales power by 10^(g/10), i.e. adds g·ln(10)/10 to the natural-log mel energies."""
-    batch, frames, _ = spec.shape
+    batch = n_frames.shape[0]
+    starts = torch.zeros(batch, dtype=torch.int64)
+    if frames >= crop:
+        room = (n_frames.clamp(max=frames) - crop).clamp(min=0).to(torch.float64)
+        starts = (torch.rand(batch, generator=generator, dtype=torch.float64) * (room + 1)).floor().long()
+    offsets = torch.arange(crop)[None, :].expand(batch, -1)
     if roll:
-        shifts = torch.randint(0, frames, (batch,), generator=generator)
-        spec = _take_frames(spec, (torch.arange(frames)[None, :] - shifts[:, None]) % frames)
+        shifts = torch.randint(0, crop, (batch,), generator=generator)
+        offsets = (offsets - shifts[:, None]) % crop
+    gain = torch.zeros(batch)
     if gain_db > 0:
-        gains = (torch.rand(batch, generator=generator) * 2 - 1) * gain_db * (np.log(10.0) / 10.0)
-        spec = spec + gains.to(spec.device, spec.dtype)[:, None, None]
-    return spec
+        gain = (torch.rand(batch, generator=generator) * 2 - 1) * gain_db * (np.log(10.0) / 10.0)
+    return Augmentation(starts[:, None] + offsets, gain.float())
+
+
+def apply_augmentation(spec: torch.Tensor, aug: Augmentation) -> torch.Tensor:
+    """(B, T, F) spectrograms (any float dtype, on aug's device) -> (B, crop, F) float32."""
+    crop = aug.frames.shape[1]
+    if spec.shape[1] < crop:
+        spec = torch.nn.functional.pad(spec, (0, 0, 0, crop - spec.shape[1]))
+    # Expand the small index where it lives (expanding, then moving, would copy B x crop x F indices), and
+    # gather in the stored dtype before widening: float32 is made once, for the frames kept.
+    out = spec.gather(1, aug.frames[:, :, None].expand(-1, -1, spec.shape[2])).float()
+    return out + aug.gain[:, None, None]

@@ -65,6 +65,9 @@ class DataConfig:
         _check(0 <= self.gain_db <= 40, f"{prefix}.gain_db", f"must be in [0, 40], got {self.gain_db}")
 
 
+ATTENTION_CHOICES = ("flash", "efficient", "cudnn", "math", "auto")
+
+
 @dataclass
 class ModelConfig:
     """ViT context/target encoder and the narrow predictor (method.md §2)."""
@@ -79,6 +82,8 @@ class ModelConfig:
     pred_heads: int = 16
     drop_path: float = 0.0
     loss: str = "mse"  # "mse" (paper) or "smooth_l1" (I-JEPA code)
+    attention: str = "flash"  # SDPA kernels: flash | efficient | cudnn | math | auto (see models/vit.py)
+    grad_checkpointing: bool = False  # recompute block activations in backward: less memory, ~1/3 more compute
 
     def validate(self, prefix: str = "model") -> None:
         for name in ("patch_size", "embed_dim", "depth", "num_heads", "pred_dim", "pred_depth", "pred_heads"):
@@ -93,6 +98,8 @@ class ModelConfig:
         _check(self.mlp_ratio > 0, f"{prefix}.mlp_ratio", f"must be > 0, got {self.mlp_ratio}")
         _check(0 <= self.drop_path < 1, f"{prefix}.drop_path", f"must be in [0, 1), got {self.drop_path}")
         _check(self.loss in ("mse", "smooth_l1"), f"{prefix}.loss", f"must be mse or smooth_l1, got {self.loss!r}")
+        _check(self.attention in ATTENTION_CHOICES, f"{prefix}.attention",
+               f"must be one of {', '.join(ATTENTION_CHOICES)}, got {self.attention!r}")
 
 
 MASK_SCHEDULES = ("curriculum", "rb", "tf", "mixture", "inverse", "random")
@@ -172,6 +179,7 @@ class RunConfig:
     gpus_per_worker: float = 0.0
     cpus_per_worker: float = 1.0
     torch_threads: int = 0  # intra-op threads per CPU worker; 0: cpus_per_worker (rounded)
+    compile: bool = False  # torch.compile each transformer block (dynamic shapes: lengths change every step)
     checkpoint_every: int = 100
     log_every: int = 10
     max_failures: int = 0

@@ -22,11 +22,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ajepa.audio import augment, normalize, random_crop
+from ajepa.audio import apply_augmentation, normalize
 from ajepa.config import Config, ConfigError, config_from_dict, save_config
 from ajepa.masking import MaskBatch, sample_masks, tf_probability, validate_masks
 from ajepa.models.ajepa import AJEPA
 from ajepa.train import schedules
+from ajepa.train.inputs import HostBatch, MicroBatch, Prefetcher, plan_step
 
 CHECKPOINT_FILE = "pretrain.pt"
 RUN_FILE = "run.json"
@@ -52,6 +53,8 @@ class Pretrainer:
         self.grid = patch_grid(cfg)
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
         self.model = AJEPA(cfg.model, cfg.audio.num_mel_bins, max_frames=cfg.data.crop_frames).to(device)
+        if cfg.run.compile:
+            self.model.compile_blocks()
         self.net: torch.nn.Module = self.model
         if world_size > 1:
             ids = [device.index] if device.type == "cuda" else None
@@ -65,12 +68,13 @@ class Pretrainer:
         self._pending: list[Tensor] = []
 
     # -------------------------------------------------------------------------------------------- steps
-    def prepare(self, fbank: Tensor, n_frames: Tensor, generator: torch.Generator) -> Tensor:
-        """Stored float16 spectrograms -> augmented, normalised model input (B, crop_frames, mel)."""
-        data = self.cfg.data
-        x = random_crop(fbank.to(self.device, non_blocking=True).float(), n_frames, data.crop_frames, generator)
-        x = augment(x, data.gain_db, data.roll, generator)
-        return normalize(x, self.mean, self.std) if data.normalize else x
+    def plan(self, step: int, batches: list[HostBatch]) -> list[MicroBatch]:
+        """Host batches of optimizer `step` -> MicroBatches with all of the step's random draws (pure)."""
+        return plan_step(self.cfg, self.grid, self.rank, step, batches)
+
+    def prefetch(self, batches: Iterator[HostBatch], depth: int = 2) -> Prefetcher:
+        """Device-ready steps from this trainer's current step on, planned and copied ahead of time."""
+        return Prefetcher(self.plan, batches, self.cfg.optim.grad_accum, self.step, self.device, depth)
 
     def masks(self, batch_size: int, micro: int) -> MaskBatch:
         # Family and sizes depend on (seed, step) only; positions on the rank and micro-batch too.
@@ -86,33 +90,39 @@ class Pretrainer:
             if group.get("name") == "decay":
                 group["weight_decay"] = wd
 
-    def train_step(self, micro_batches: list[tuple[Tensor, Tensor]],
-                   lap: Callable[[str], None] | None = None) -> dict[str, float]:
-        """One optimizer step over `grad_accum` micro-batches of (fbank, n_frames).
+    def model_input(self, micro: MicroBatch) -> Tensor:
+        """Stored float16 spectrograms -> augmented, normalised model input (B, crop_frames, mel), on device."""
+        x = apply_augmentation(micro.fbank, micro.aug)
+        return normalize(x, self.mean, self.std) if self.cfg.data.normalize else x
 
-        `lap(phase)` is called as each phase ends (data, forward, backward, grad_norm, optimizer, ema,
-        other): the throughput benchmark passes one that syncs the device and reads a clock."""
+    def train_step(self, micro_batches: list[MicroBatch] | list[HostBatch],
+                   lap: Callable[[str], None] | None = None) -> dict[str, float]:
+        """One optimizer step over `grad_accum` micro-batches: planned ones (from `prefetch`, ideally already
+        on the device) or host (fbank, n_frames) pairs, which are planned here.
+
+        Nothing in it waits for the device. `lap(phase)` is called as each phase ends (data, forward,
+        backward, grad_norm, optimizer, ema, other): the throughput benchmark passes one that syncs the
+        device and reads a clock."""
         lap = lap or _no_lap
+        start = time.perf_counter()
+        if not isinstance(micro_batches[0], MicroBatch):
+            micro_batches = self.plan(self.step, micro_batches)
+        if micro_batches[0].step != self.step:
+            raise ValueError(f"micro-batches planned for step {micro_batches[0].step}, trainer is at {self.step}")
         self.set_schedules()
-        seed = np.random.SeedSequence([self.cfg.run.seed, self.step, self.rank]).generate_state(1)[0]
-        generator = torch.Generator().manual_seed(int(seed))  # crops, rolls, gains: exact on resume
-        data_time = 0.0
-        fractions = []
+        data_time = time.perf_counter() - start
         lap("other")
-        for micro, (fbank, n_frames) in enumerate(micro_batches):
+        for i, micro in enumerate(micro_batches):
             start = time.perf_counter()
-            x = self.prepare(fbank, n_frames, generator)
-            masks = self.masks(x.shape[0], micro)
-            ctx = masks.context.to(self.device, non_blocking=True)
-            tgt = masks.targets.to(self.device, non_blocking=True)
-            fractions.append((masks.context_fraction, masks.target_fraction, masks.family == "tf"))
+            micro = micro.to(self.device, non_blocking=True)
+            x = self.model_input(micro)
             data_time += time.perf_counter() - start
             lap("data")
-            last = micro == len(micro_batches) - 1
+            last = i == len(micro_batches) - 1
             sync = self.net.no_sync() if (not last and self.net is not self.model) else contextlib.nullcontext()
             with sync:
                 with self.amp:
-                    loss, aux = self.net(x, ctx, tgt)
+                    loss, aux = self.net(x, micro.context, micro.targets)
                 lap("forward")
                 (loss / len(micro_batches)).backward()
             self._pending.append(torch.stack([loss.detach(), aux["target_std"], aux["pred_std"]]))
@@ -129,11 +139,11 @@ class Pretrainer:
         self.model.update_target(schedules.ema_momentum(self.step, self.cfg.optim))
         lap("ema")
         self._grad_norm = grad_norm.detach()
-        n = len(fractions)
+        n = len(micro_batches)
         info = {
-            "context_fraction": sum(f[0] for f in fractions) / n,
-            "target_fraction": sum(f[1] for f in fractions) / n,
-            "tf_batch": float(fractions[0][2]),
+            "context_fraction": sum(m.context_fraction for m in micro_batches) / n,
+            "target_fraction": sum(m.target_fraction for m in micro_batches) / n,
+            "tf_batch": float(micro_batches[0].family == "tf"),
             "data_time": data_time,
         }
         lap("other")
@@ -191,14 +201,16 @@ def _no_lap(phase: str) -> None:
 # ------------------------------------------------------------------------------------------ Ray worker
 
 
-def _batches(shard: Any, batch_size: int, shape: tuple[int, int]) -> Iterator[tuple[Tensor, Tensor]]:
+def _batches(shard: Any, batch_size: int, shape: tuple[int, int], pin: bool) -> Iterator[HostBatch]:
     """Endless full batches from this worker's shard. The trainer splits with equal=True and we drop the
     last partial batch, so every rank sees the same number of batches per epoch (no DDP hang)."""
     from ajepa.data import decode_fbank
 
     while True:
         for batch in shard.iter_batches(batch_size=batch_size, drop_last=True, batch_format="numpy"):
-            fbank = torch.from_numpy(decode_fbank(batch["fbank"], shape))
+            # One copy from Arrow's read-only bytes into (pinned) memory that torch owns.
+            fbank = torch.empty((batch_size, *shape), dtype=torch.float16, pin_memory=pin)
+            fbank.numpy()[:] = decode_fbank(batch["fbank"], shape)
             yield fbank, torch.from_numpy(batch["n_frames"].astype(np.int64))
 
 
@@ -220,7 +232,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         with checkpoint.as_directory() as folder:
             trainer.load(Path(folder) / CHECKPOINT_FILE)
     tracker = Tracker.attach(config["tracking_uri"], config["mlflow_run_id"]) if rank == 0 else NullTracker()
-    batches = _batches(ray.train.get_dataset_shard("train"), cfg.data.batch_size, tuple(config["fbank_shape"]))
+    batches = _batches(ray.train.get_dataset_shard("train"), cfg.data.batch_size, tuple(config["fbank_shape"]),
+                       pin=device.type == "cuda")
+    steps = trainer.prefetch(batches)
     fault_step = config.get("fault_at_step")
     total, accum = cfg.optim.steps, cfg.optim.grad_accum
     global_batch = cfg.data.batch_size * accum * world
@@ -231,7 +245,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if not marker.exists():
                 marker.touch()
                 os._exit(1)  # a hard worker death, as from an OOM kill or a lost node
-        step_info = trainer.train_step([next(batches) for _ in range(accum)])
+        step_info = trainer.train_step(next(steps))
         window_steps += 1
         window_data += step_info["data_time"]
         step = trainer.step
@@ -249,6 +263,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                   f"tf_p {metrics['tf_probability']:.2f} {metrics['samples_per_s']:.1f} samples/s", flush=True)
         _report(trainer, metrics, save_now and rank == 0, step)
         window_start, window_steps, window_data = time.perf_counter(), 0, 0.0
+    steps.close()
 
 
 def _report(trainer: Pretrainer, metrics: dict[str, float], with_checkpoint: bool, step: int) -> None:
