@@ -1,34 +1,40 @@
-"""Pretraining step throughput: our `Pretrainer.train_step` vs a minimal plain PyTorch loop, same model.
+"""Pretraining step throughput: our `Pretrainer` vs a minimal plain PyTorch loop over the same model code.
 
 No Ray, no MLflow: this imports only torch, numpy and the ajepa modules a training step needs, so it runs on
 any machine with the repository checked out (it puts <repo>/platform on sys.path itself).
 
-* ours     - `Pretrainer.train_step`: host-side augmentation (crop, roll, gain, normalise), mask sampling on
-             the host for the current step, forward under bf16 autocast (CUDA), backward, grad-norm, AdamW
-             over two param groups with lr/wd schedules, EMA update of the target encoder.
-* baseline - the same `AJEPA` class, config and init seed, fed the SAME masks (sampled before timing and
-             already on the device, so it does no mask work in the timed region), plain
-             `torch.optim.AdamW` (fused on CUDA), the same autocast, EMA as a Python loop over parameter
-             pairs; no augmentation, no schedules.
+* ours     - `Pretrainer.prefetch` + `train_step`, as the Ray Train loop runs them: a background thread draws
+             each step's masks and crop/roll/gain on the host and (CUDA) copies them with the batch on a side
+             stream one step ahead; the step applies the augmentation on the device, runs the forward under
+             bf16 autocast (CUDA), backward, grad-norm, AdamW over two param groups with lr/wd schedules, and
+             the EMA update of the target encoder.
+* baseline - the same `AJEPA` class, config (attention kernels, compile, checkpointing included) and init
+             seed, fed the SAME masks, sampled before timing and already on the device (it does no mask work
+             in the timed region), plain `torch.optim.AdamW` (fused on CUDA), the same autocast, EMA as a
+             Python loop over parameter pairs; no augmentation, no schedules, no prefetching.
 
-Both read the same synthetic float16 spectrogram batches from host memory (as Ray Data hands them over)
-and copy them to the device inside the timed step. The two run interleaved in rounds, alternating which goes
-first, and the median round of each is reported, because shared machines are noisy. The mask family is
-fixed (`--family`, the schedule is overridden to it) so that both sides do exactly the same model work.
+Both read the same synthetic float16 spectrogram batches from host memory, pinned on CUDA (as our Ray ingest
+delivers them). The two run interleaved in rounds, alternating which goes first, and the median round of
+each is reported, because shared machines are noisy. Each `--family` is measured on its own (the schedule is
+overridden to it) so that both sides do exactly the same model work; with several families the last figures
+weight them by the config's own schedule (the curriculum's RB/TF mix over its steps) and project the
+GPU-hours of the paper's AudioSet-2M recipe (24 epochs x 2.0M clips) from the measured samples/s.
 
-    python benchmarks/train_throughput.py                                            # tiny config, CPU
-    python benchmarks/train_throughput.py --config configs/base.yaml --batch auto    # on a GPU
+    python benchmarks/train_throughput.py                                                      # tiny, CPU
+    python benchmarks/train_throughput.py --config configs/base.yaml --batch auto --family rb tf  # a GPU
 
-The last line printed is `ratio: <ours samples/s / baseline samples/s>`.
+The last line printed is `ratio: <ours samples/s / baseline samples/s>` (mix-weighted over families).
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import statistics
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -39,12 +45,14 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "platform"))
 
 from ajepa.config import Config, load_config  # noqa: E402
-from ajepa.masking import MaskBatch, sample_masks  # noqa: E402
+from ajepa.masking import MaskBatch, sample_masks, tf_probability  # noqa: E402
 from ajepa.models.ajepa import AJEPA, flops_per_sample  # noqa: E402
+from ajepa.train.inputs import HostBatch, Prefetcher  # noqa: E402
 from ajepa.train.pretrain import Pretrainer, patch_grid  # noqa: E402
 
 MEAN, STD = 0.0, 0.5  # store statistics for normalisation; with N(0, 1) data both sides see similar values
 POOL = 2  # distinct host batches, cycled
+RECIPE_SAMPLES = 24 * 2_000_000  # the paper's AudioSet-2M pretraining: 24 epochs of 2.0M clips
 OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 PHASES = ("data", "forward", "backward", "grad_norm", "optimizer", "ema", "other")
 # Peak dense bf16 tensor FLOPS by device-name substring; the first match wins.
@@ -74,24 +82,6 @@ def timed(clock: Clock, fn: Callable[[], None], n: int) -> float:
     return clock.now() - start
 
 
-# -------------------------------------------------------------------------------------------------- ours
-
-
-def instrumented_step(tr: Pretrainer, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], clock: Clock,
-                      acc: dict[str, float]) -> None:
-    """`Pretrainer.train_step` itself, with a device sync + clock mark as each phase ends. The syncs stop the
-    host from running ahead of the device, so only the split is reported from this, not the total."""
-    t = clock.now()
-
-    def lap(phase: str) -> None:
-        nonlocal t
-        now = clock.now()
-        acc[phase] += now - t
-        t = now
-
-    tr.train_step(micro_batches, lap=lap)
-
-
 # ---------------------------------------------------------------------------------------------- baseline
 
 
@@ -102,6 +92,8 @@ class Baseline:
         self.cfg, self.device = cfg, device
         torch.manual_seed(cfg.run.seed)  # the same initial weights as Pretrainer
         self.model = AJEPA(cfg.model, cfg.audio.num_mel_bins, max_frames=cfg.data.crop_frames).to(device)
+        if cfg.run.compile:
+            self.model.compile_blocks()
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=cfg.optim.betas,
                                            weight_decay=cfg.optim.weight_decay[0], fused=device.type == "cuda")
@@ -110,8 +102,7 @@ class Baseline:
         self.target = list(self.model.target_encoder.parameters())
         self.online = list(self.model.context_encoder.parameters())
 
-    def step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]],
-             masks: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    def step(self, micro_batches: list[HostBatch], masks: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         crop = self.cfg.data.crop_frames
         for (fbank, _), (ctx, tgt) in zip(micro_batches, masks, strict=True):
             x = fbank.to(self.device, non_blocking=True).float()[:, :crop]
@@ -129,7 +120,7 @@ class Baseline:
 # ------------------------------------------------------------------------------------------------- setup
 
 
-def make_pool(cfg: Config, batch: int, pin: bool) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+def make_pool(cfg: Config, batch: int, pin: bool) -> list[list[HostBatch]]:
     """POOL optimizer steps' worth of host float16 (B, frames, mel) batches with their n_frames."""
     gen = torch.Generator().manual_seed(1234)
     frames, mel, accum = cfg.audio.target_frames, cfg.audio.num_mel_bins, cfg.optim.grad_accum
@@ -138,15 +129,13 @@ def make_pool(cfg: Config, batch: int, pin: bool) -> list[list[tuple[torch.Tenso
         micro = []
         for _ in range(accum):
             fbank = torch.randn(batch, frames, mel, generator=gen).half()
-            if pin and torch.cuda.is_available():
-                fbank = fbank.pin_memory()
-            micro.append((fbank, torch.full((batch,), frames, dtype=torch.int64)))
+            micro.append((fbank.pin_memory() if pin else fbank, torch.full((batch,), frames, dtype=torch.int64)))
         pool.append(micro)
     return pool
 
 
 def presample(cfg: Config, batch: int, steps: range, family: str) -> list[list[MaskBatch]]:
-    """The masks Pretrainer.masks draws at each step (rank 0), one per micro-batch."""
+    """The masks our planning draws at each step (rank 0), one per micro-batch."""
     grid = patch_grid(cfg)
     return [[sample_masks(cfg.mask, grid, batch, step=s, total_steps=cfg.optim.steps, seed=cfg.run.seed,
                           rank=micro, family=family) for micro in range(cfg.optim.grad_accum)] for s in steps]
@@ -173,40 +162,56 @@ def peak_flops(device: torch.device, override_tflops: float | None) -> tuple[flo
 class Bench:
     """Both contenders at one batch size, sharing the host data pool."""
 
-    def __init__(self, cfg: Config, device: torch.device, batch: int, family: str, n_steps: int, pin: bool):
+    def __init__(self, cfg: Config, device: torch.device, batch: int, family: str, n_steps: int):
         self.cfg, self.device, self.batch = cfg, device, batch
-        self.pool = make_pool(cfg, batch, pin)
+        self.pool = make_pool(cfg, batch, pin=device.type == "cuda")
         self.ours = Pretrainer(cfg, MEAN, STD, device)
         self.base = Baseline(cfg, device)
-        # Pretrainer steps run n_steps in all (ours and its instrumented runs share the step counter); the
-        # baseline replays the steps ours ran, with their masks, staged on the device before its timing.
+        # Ours runs n_steps in all, through one prefetched stream; the baseline replays the steps ours ran,
+        # with their masks, staged on the device before its timing.
         self.masks = presample(cfg, batch, range(n_steps), family)
         self.dev_masks: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self.plan_seconds: list[float] = []  # host planning per step, on the prefetch thread
+        self.stream: Prefetcher | None = None
+
+    def start(self) -> None:
+        def plan(step: int, batches: list[HostBatch]) -> list:
+            start = time.perf_counter()
+            planned = self.ours.plan(step, batches)
+            self.plan_seconds.append(time.perf_counter() - start)
+            return planned
+
+        host = itertools.cycle([micro for step in self.pool for micro in step])
+        self.stream = Prefetcher(plan, host, self.cfg.optim.grad_accum, self.ours.step, self.device)
 
     def stage(self, first: int, n: int) -> None:
         """Put the masks of steps first .. first + n - 1 on the device for the baseline (untimed)."""
         self.dev_masks = {s: [(m.context.to(self.device), m.targets.to(self.device)) for m in self.masks[s]]
                           for s in range(first, first + n)}
 
-    def data(self, step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def data(self, step: int) -> list[HostBatch]:
         return self.pool[step % POOL]
 
-    def ours_step(self) -> None:
-        self.ours.train_step(self.data(self.ours.step))
+    def ours_step(self, lap: Callable[[str], None] | None = None) -> None:
+        self.ours.train_step(next(self.stream), lap=lap)
 
     def base_step(self, step: int) -> None:
         self.base.step(self.data(step), self.dev_masks[step])
+
+    def close(self) -> None:
+        if self.stream is not None:
+            self.stream.close()
 
 
 def try_batch(cfg: Config, device: torch.device, batch: int, family: str, steps: range) -> bool:
     """One step of each contender at the planned steps' largest masks; False on CUDA out-of-memory."""
     bench = None
     try:
-        bench = Bench(cfg, device, batch, family, 0, pin=False)
+        bench = Bench(cfg, device, batch, family, 0)
         flops = [step_flops(cfg, m) for m in presample(cfg, batch, steps, family)]
         worst = steps[int(np.argmax(flops))]
         bench.ours.step = worst  # the largest masks of the run: if this fits, every timed step does
-        bench.ours_step()
+        bench.ours.train_step(bench.data(0))
         worst_masks = presample(cfg, batch, range(worst, worst + 1), family)[0]
         bench.base.step(bench.data(0), [(m.context.to(device), m.targets.to(device)) for m in worst_masks])
         torch.cuda.synchronize()
@@ -214,8 +219,7 @@ def try_batch(cfg: Config, device: torch.device, batch: int, family: str, steps:
     except OOM:
         ok = False
     del bench  # outside the except block: the traceback no longer pins the step's tensors
-    gc.collect()
-    torch.cuda.empty_cache()
+    release_memory(device)
     return ok
 
 
@@ -234,70 +238,82 @@ def auto_batch(cfg: Config, device: torch.device, family: str, steps: range, lim
     return best
 
 
-# -------------------------------------------------------------------------------------------------- main
+# ----------------------------------------------------------------------------------------- measurements
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default=str(REPO / "configs" / "tiny.yaml"))
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="config override, repeatable")
-    parser.add_argument("--batch", default=None,
-                        help="per-step micro-batch size, or auto (CUDA: largest power of two from 32 that fits); "
-                             "default: 16 on CPU, data.batch_size on CUDA")
-    parser.add_argument("--steps", type=int, default=None, help="timed steps per round (default CPU 3, CUDA 10)")
-    parser.add_argument("--warmup", type=int, default=None, help="untimed steps each first (default CPU 3, CUDA 5)")
-    parser.add_argument("--rounds", type=int, default=None, help="(default CPU 11, CUDA 5)")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--family", choices=("rb", "tf", "random"), default="rb",
-                        help="mask family for both (sets mask.schedule; default rb, what the curriculum starts with)")
-    parser.add_argument("--threads", type=int, default=None, help="CPU torch threads (default run.torch_threads)")
-    parser.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: by name)")
-    parser.add_argument("--pin-memory", action="store_true", help="pin the host batches (CUDA)")
-    args = parser.parse_args()
+def count_syncs(bench: Bench, n: int) -> int:
+    """Host-device synchronisations inside n of our steps, as torch's sync debug mode reports them."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for _ in range(n):
+                bench.ours_step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    # The mode announces itself with a warning that mentions synchronizing operations too: not a sync.
+    syncs = [w for w in caught if "synchroniz" in str(w.message) and "prototype" not in str(w.message)]
+    for w in syncs[:3]:
+        print(f"    sync: {w.filename}:{w.lineno}: {str(w.message)[:120]}")
+    return len(syncs)
 
-    device = torch.device(args.device)
+
+def profile_summary(bench: Bench, n: int, rows: int) -> None:
+    """Where n of our steps spend device time: the top kernels (device-side events only, so an operator and
+    its kernels are not counted twice) and the share of the wall clock the device was busy."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        for _ in range(n):
+            bench.ours_step()
+        torch.cuda.synchronize()
+        wall_ms = 1e3 * (time.perf_counter() - start) / n
+    kernels = [e for e in prof.key_averages() if e.device_type == DeviceType.CUDA]
+    busy_ms = sum(e.self_device_time_total for e in kernels) / 1e3 / n
+    print(f"  profile of {n} steps: {wall_ms:.1f} ms/step wall (profiler on), kernels {busy_ms:.1f} ms/step "
+          f"({100 * busy_ms / wall_ms:.0f}% of wall)")
+    for e in sorted(kernels, key=lambda e: e.self_device_time_total, reverse=True)[:rows]:
+        ms = e.self_device_time_total / 1e3 / n
+        print(f"    {ms:8.2f} ms  {100 * ms / busy_ms:5.1f}%  {e.count // n:5d}x  {e.key[:90]}")
+
+
+def measure(args: argparse.Namespace, family: str, device: torch.device) -> dict[str, float]:
+    """Both contenders on one mask family: rates, split, MFU and memory; returns the figures for the mix."""
     cuda = device.type == "cuda"
-    if cuda and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device visible")
-    if args.batch == "auto" and not cuda:
-        raise SystemExit("--batch auto needs --device cuda")
-    cfg = load_config(args.config, [*args.set, f"mask.schedule={args.family}"])
-    if not cuda:
-        torch.set_num_threads(args.threads or cfg.run.torch_threads or torch.get_num_threads())
     steps = args.steps or (10 if cuda else 3)
     warmup = args.warmup if args.warmup is not None else (5 if cuda else 3)
     rounds = args.rounds or (5 if cuda else 11)
-    accum = cfg.optim.grad_accum
-    # Pretrainer steps in the whole run: warm-up and timed steps of ours, plain and instrumented.
-    total_steps = 2 * (warmup + rounds * steps)
     clock = Clock(device)
-
-    print(f"config {args.config} (overrides: {' '.join(args.set) or 'none'}), mask family {args.family}")
-    print(f"device {torch.cuda.get_device_name(device) if cuda else 'cpu'}"
-          + ("" if cuda else f", {torch.get_num_threads()} torch threads") + f", torch {torch.__version__}")
+    base_overrides = [*args.set, f"mask.schedule={family}"]
+    cfg = load_config(args.config, base_overrides)
+    # Our steps in the whole run: warm-up, timed, instrumented, sync check and profile.
+    total_steps = 2 * warmup + 2 * rounds * steps + 2 * args.profile_steps + 2
+    print(f"\n=== mask family {family} ===")
     if args.batch == "auto":
         print("finding the largest batch that fits (doubling from 32):", flush=True)
-        batch = auto_batch(cfg, device, args.family, range(total_steps))
+        batch = auto_batch(cfg, device, family, range(total_steps))
     else:
         batch = int(args.batch) if args.batch else (cfg.data.batch_size if cuda else 16)
-    cfg = load_config(args.config, [*args.set, f"mask.schedule={args.family}", f"data.batch_size={batch}"])
-    samples = batch * accum
-
+    cfg = load_config(args.config, [*base_overrides, f"data.batch_size={batch}"])
+    samples = batch * cfg.optim.grad_accum
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)  # the report's peak is the measured run's, not the search's
 
-    bench = Bench(cfg, device, batch, args.family, total_steps, args.pin_memory)
+    bench = Bench(cfg, device, batch, family, total_steps)
     grid = patch_grid(cfg)
     m0 = bench.masks[0][0]
-    print(f"batch {batch} x grad_accum {accum} = {samples} samples/step, crop {cfg.data.crop_frames} frames "
-          f"({grid[0]}x{grid[1]} patches), context ~{m0.context.shape[1]} patches, "
-          f"{m0.targets.shape[1]} targets of {m0.targets.shape[2]}")
+    print(f"batch {batch} x grad_accum {cfg.optim.grad_accum} = {samples} samples/step, crop {cfg.data.crop_frames} "
+          f"frames ({grid[0]}x{grid[1]} patches), context ~{m0.context.shape[1]} patches, {m0.targets.shape[1]} "
+          f"targets of {m0.targets.shape[2]}; attention {cfg.model.attention}, compile {cfg.run.compile}, "
+          f"grad checkpointing {cfg.model.grad_checkpointing}")
     print(f"{warmup} warm-up + {rounds} rounds x {steps} timed steps each; baseline masks are sampled and moved "
-          f"to the device BEFORE timing (no mask work in its timed region); ours samples them in its step")
-    probe = bench.ours.masks(batch, 0)  # what ours draws at its first step: the baseline must replay it
+          f"to the device BEFORE timing; ours plans them on its prefetch thread", flush=True)
+    probe = bench.ours.plan(0, bench.data(0))[0]  # what ours draws at its first step: the baseline replays it
     if not (torch.equal(probe.context, m0.context) and torch.equal(probe.targets, m0.targets)):
-        raise SystemExit("pre-sampled masks differ from Pretrainer.masks: the baseline would do different work")
+        raise SystemExit("pre-sampled masks differ from Pretrainer.plan: the baseline would do different work")
 
     def run_base(first: int, n: int) -> float:
         """Time the baseline replaying ours' steps first .. first + n - 1 (same masks, same data)."""
@@ -307,11 +323,26 @@ def main() -> None:
 
     def run_split(n: int, acc: dict[str, float]) -> None:
         for _ in range(n):
-            instrumented_step(bench.ours, bench.data(bench.ours.step), clock, acc)
+            t = clock.now()
 
+            def lap(phase: str) -> None:
+                nonlocal t
+                now = clock.now()
+                acc[phase] += now - t
+                t = now
+
+            bench.ours_step(lap)
+
+    bench.start()
+    start = time.perf_counter()
     timed(clock, bench.ours_step, warmup)
     run_base(0, warmup)
     run_split(warmup, dict.fromkeys(PHASES, 0.0))
+    print(f"warm-up {time.perf_counter() - start:.1f} s", flush=True)
+    if cfg.run.compile:
+        from torch._dynamo.utils import counters
+
+        print(f"torch.compile after warm-up: frames {dict(counters['frames'])}, stats {dict(counters['stats'])}")
     bench.ours._pending.clear()  # the warm-up losses, without the host sync of metrics()
     ours_rates, base_rates, splits, losses, timed_steps = [], [], [], [], []
     for r in range(rounds):
@@ -337,22 +368,109 @@ def main() -> None:
     print(f"ours loss after each round: {' '.join(f'{x:.4f}' for x in losses)}")
     per_step = {p: statistics.median(a[p] for a in splits) / steps for p in PHASES}
     total = sum(per_step.values())
-    print(f"ours step split (train_step with a device sync between phases, median of {rounds} rounds):")
+    print(f"ours step split (a device sync between phases, median of {rounds} rounds):")
     for p in PHASES:
         print(f"  {p:<10s} {1e3 * per_step[p]:8.2f} ms  {100 * per_step[p] / total:5.1f}%")
     print(f"  {'total':<10s} {1e3 * total:8.2f} ms  (uninstrumented ours: {1e3 * samples / ours_sps:.2f} ms)")
-    print("  data = prepare (H2D copy, crop, roll, gain, normalise) + mask sampling, H2D copy and fractions; "
-          "grad_norm = the gradient norm (and clipping when on); other = schedules, step seed, result dict")
+    print(f"  data = batch to device, crop/roll/gain, normalise; other = schedules, result dict. Off the step, on "
+          f"the prefetch thread: masks + augmentation draws {1e3 * statistics.median(bench.plan_seconds):.2f} "
+          f"ms/step (median)")
 
+    figures = {"ours": ours_sps, "base": base_sps}
     if cuda:
+        syncs = count_syncs(bench, 2)
+        print(f"host-device syncs inside 2 of our steps (torch sync debug mode): {syncs}")
+        if args.profile_steps:
+            profile_summary(bench, args.profile_steps, args.profile_rows)
         flops = statistics.mean(step_flops(cfg, bench.masks[s]) for s in timed_steps)
         peak, source = peak_flops(device, args.peak_tflops)
         print(f"model FLOPs per sample {flops / 1e9:.1f} GFLOP (mean over the masks used), "
               f"peak {peak / 1e12:.0f} TFLOPS ({source})" if peak else f"peak unknown: {source}")
         if peak:
             print(f"MFU ours {100 * ours_sps * flops / peak:.1f}%  baseline {100 * base_sps * flops / peak:.1f}%")
+            figures.update(flops=flops, peak=peak)
         print(f"peak memory allocated {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB")
-    print(f"ratio: {ours_sps / base_sps:.3f}")
+    bench.close()
+    return figures
+
+
+def release_memory(device: torch.device) -> None:
+    """Between families: the last Bench's models and the allocator's cached blocks go back."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def tf_share(cfg: Config) -> float:
+    """Mean P(TF) over the config's own schedule: the share of its steps that use TF masks."""
+    steps = cfg.optim.steps
+    return float(np.mean([tf_probability(cfg.mask, s, steps) for s in range(steps)]))
+
+
+def report_mix(args: argparse.Namespace, figures: dict[str, dict[str, float]]) -> float:
+    """RB and TF weighted by the config's own schedule (seconds per sample add up): rates, MFU, the recipe's
+    hours. Returns the mixed ours/baseline ratio."""
+    cfg = load_config(args.config, args.set)
+    p_tf = tf_share(cfg)
+    weights = {"rb": 1.0 - p_tf, "tf": p_tf}
+    ours, base = (1.0 / sum(w / figures[f][who] for f, w in weights.items()) for who in ("ours", "base"))
+    print(f"\n=== {cfg.mask.schedule} schedule over {cfg.optim.steps} steps: rb {100 * weights['rb']:.1f}%, "
+          f"tf {100 * weights['tf']:.1f}% of steps ===")
+    print(f"ours {ours:.1f} samples/s, baseline {base:.1f} samples/s")
+    if all("flops" in figures[f] for f in weights):
+        # MFU of the mix: FLOPs per sample weighted by the share of samples of each family.
+        flops = sum(w * figures[f]["flops"] for f, w in weights.items())
+        peak = figures["rb"]["peak"]
+        print(f"MFU ours {100 * ours * flops / peak:.1f}%  baseline {100 * base * flops / peak:.1f}%")
+        print(f"projected AudioSet-2M recipe (24 epochs x 2.0M clips) on one such GPU: ours "
+              f"{RECIPE_SAMPLES / ours / 3600:.1f} GPU-hours, baseline {RECIPE_SAMPLES / base / 3600:.1f}")
+    return ours / base
+
+
+# -------------------------------------------------------------------------------------------------- main
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=str(REPO / "configs" / "tiny.yaml"))
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="config override, repeatable (e.g. run.compile=false, model.attention=cudnn)")
+    parser.add_argument("--batch", default=None,
+                        help="per-step micro-batch size, or auto (CUDA: largest power of two from 32 that fits); "
+                             "default: 16 on CPU, data.batch_size on CUDA")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per round (default CPU 3, CUDA 10)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps each first (default CPU 3, CUDA 5)")
+    parser.add_argument("--rounds", type=int, default=None, help="(default CPU 11, CUDA 5)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--family", choices=("rb", "tf", "random"), nargs="+", default=["rb"],
+                        help="mask families, each measured on its own (default rb, what the curriculum starts with)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU torch threads (default run.torch_threads)")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: by name)")
+    parser.add_argument("--profile-steps", type=int, default=0, help="CUDA: profile this many of our steps")
+    parser.add_argument("--profile-rows", type=int, default=12, help="kernels listed by the profile")
+    args = parser.parse_args()
+
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    if cuda and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device visible")
+    if args.batch == "auto" and not cuda:
+        raise SystemExit("--batch auto needs --device cuda")
+    cfg = load_config(args.config, args.set)
+    if not cuda:
+        torch.set_num_threads(args.threads or cfg.run.torch_threads or torch.get_num_threads())
+    print(f"config {args.config} (overrides: {' '.join(args.set) or 'none'}), families {' '.join(args.family)}")
+    print(f"device {torch.cuda.get_device_name(device) if cuda else 'cpu'}"
+          + ("" if cuda else f", {torch.get_num_threads()} torch threads") + f", torch {torch.__version__}")
+    figures = {}
+    for family in dict.fromkeys(args.family):
+        figures[family] = measure(args, family, device)
+        release_memory(device)
+    if {"rb", "tf"} <= set(figures):
+        ratio = report_mix(args, figures)
+    else:
+        ratio = figures[args.family[0]]["ours"] / figures[args.family[0]]["base"]
+    print(f"ratio: {ratio:.3f}")
 
 
 if __name__ == "__main__":
