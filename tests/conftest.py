@@ -1,4 +1,6 @@
+import csv
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -28,3 +30,9 @@ def encode(samples: np.ndarray, rate: int, fmt: str = "WAV", subtype: str | None
     buf = io.BytesIO()
     sf.write(buf, samples, rate, format=fmt, subtype=subtype)
     return buf.getvalue()
+
+
+def failures(store: Path) -> dict[str, str]:
+    """A store's failures.csv as {path: reason}."""
+    with (store / "failures.csv").open() as fh:
+        return {row["path"]: row["reason"] for row in csv.DictReader(fh)}

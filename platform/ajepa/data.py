@@ -87,21 +87,31 @@ def list_folder(root: Path) -> list[Clip]:
     # loops is listed and then fails to read, which failures.csv records.
     for folder, dirs, files in os.walk(root):
         dirs.sort()
-        for name in sorted(files):
+        # A folder named like audio (`x.wav`) is listed as well, so it shows up in failures.csv ("Is a
+        # directory") instead of passing silently as a class; its contents are still walked.
+        for name in sorted(files + dirs):
             if not name.lower().endswith(AUDIO_EXTENSIONS):
                 continue
             full = Path(folder) / name
-            rel = full.relative_to(root).as_posix()
+            rel = display_name(full.relative_to(root).as_posix())
             label = rel.split("/", 1)[0] if "/" in rel else ""
             clips.append(Clip(str(full), rel, label, hash_split(rel), {}))
     return clips
+
+
+def display_name(path: str) -> str:
+    """A path as valid UTF-8 text: Parquet and CSV hold nothing else, but Linux file names are bytes (an archive
+    made on Windows can carry Latin-1 names). Bytes that are not UTF-8 are shown as \\xNN; the workers open the
+    real name (`Clip.path`)."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 def read_manifest(manifest: Path) -> list[Clip]:
     """CSV with columns path,label[,split] and any extra columns (kept as strings). Relative paths are
     resolved against the manifest's folder. Multi-label rows use `a;b` in the label."""
     try:
-        with manifest.open(newline="", encoding="utf-8") as fh:
+        # utf-8-sig: a spreadsheet's "CSV UTF-8" export starts with a byte-order mark, which would rename `path`.
+        with manifest.open(newline="", encoding="utf-8-sig") as fh:
             reader = csv.DictReader(fh)
             fields = reader.fieldnames or []
             missing = [c for c in ("path", "label") if c not in fields]
@@ -114,18 +124,20 @@ def read_manifest(manifest: Path) -> list[Clip]:
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise StoreError(f"{manifest}: cannot read manifest ({exc})") from None
     clips = []
-    seen: set[str] = set()
+    first_line: dict[str, int] = {}  # normalised full path -> the line that named it first
     for line, row in enumerate(rows, start=2):
         rel = (row.get("path") or "").strip()
         if not rel:
             raise StoreError(f"{manifest}:{line}: empty path")
-        if rel in seen:
-            raise StoreError(f"{manifest}:{line}: duplicate path {rel!r}")
-        seen.add(rel)
+        full = Path(os.path.normpath(rel if os.path.isabs(rel) else manifest.parent / rel))
+        # Spelled differently (`a.wav`, `./a.wav`, an absolute path) is still the same file twice.
+        if str(full) in first_line:
+            raise StoreError(f"{manifest}:{line}: duplicate path {rel!r} (line {first_line[str(full)]} names "
+                             "the same file)")
+        first_line[str(full)] = line
         split = (row.get("split") or "").strip() or hash_split(rel)
         if split not in SPLITS:
             raise StoreError(f"{manifest}:{line}: split must be one of {', '.join(SPLITS)}, got {split!r}")
-        full = Path(rel) if os.path.isabs(rel) else manifest.parent / rel
         extra = {k: (v or "") for k, v in row.items() if k not in ("path", "label", "split") and k}
         clips.append(Clip(str(full), rel, (row.get("label") or "").strip(), split, extra))
     return clips
@@ -148,7 +160,18 @@ def clip_id(rel: str) -> str:
     return hashlib.sha1(rel.encode()).hexdigest()[:16]
 
 
-def _read_bytes(path: str) -> bytes:
+def input_rows(clips: list[Clip]) -> list[dict[str, Any]]:
+    """The rows the build's workers get: one per clip, every extra manifest column in every row."""
+    extra_keys = sorted({k for c in clips for k in c.extra})
+    # The path goes as bytes: a file name that is not UTF-8 cannot be an Arrow string, but opens as bytes.
+    return [
+        {"id": clip_id(c.rel), "path": os.fsencode(c.path), "rel": c.rel, "label": c.label, "split": c.split,
+         **{k: c.extra.get(k, "") for k in extra_keys}}
+        for c in clips
+    ]
+
+
+def _read_bytes(path: str | bytes) -> bytes:
     try:
         with open(path, "rb") as fh:
             return fh.read()
@@ -171,7 +194,7 @@ def process_batch(batch: dict[str, np.ndarray], cfg: AudioConfig) -> dict[str, n
     reasons = np.full(n, "", dtype=object)
     for i, path in enumerate(batch["path"]):
         try:
-            spec = spectrogram_from_bytes(_read_bytes(str(path)), cfg)
+            spec = spectrogram_from_bytes(_read_bytes(path), cfg)
         except AudioError as exc:
             status[i], reasons[i] = "failed", str(exc)
             continue
@@ -214,12 +237,7 @@ def build_store(source: str | Path, out: str | Path, cfg: AudioConfig, *, overwr
     clips = list_inputs(source)
     if not clips:
         raise StoreError(f"{source}: no audio files found (extensions: {' '.join(AUDIO_EXTENSIONS)})")
-    extra_keys = sorted({k for c in clips for k in c.extra})
-    rows = [
-        {"id": clip_id(c.rel), "path": c.path, "rel": c.rel, "label": c.label, "split": c.split,
-         **{k: c.extra.get(k, "") for k in extra_keys}}
-        for c in clips
-    ]
+    rows = input_rows(clips)
     out.parent.mkdir(parents=True, exist_ok=True)
     init_ray()  # only now: bad input is reported without waiting for a cluster
     staging = _staging_dir(out)
