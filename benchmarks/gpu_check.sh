@@ -29,7 +29,7 @@ part() {  # part SECONDS TITLE ARGS...: one benchmark run under its own time lim
     echo "######## ($title: exit $?, $((SECONDS - start)) s)"
 }
 
-part 170 "1. shipped config (run.compile=$compile_default)" --batch auto --family rb tf --rounds 3 --profile-steps 2
-part 150 "2. run.compile=$compile_other" --batch 128 --family rb tf --rounds 2 --set "run.compile=$compile_other"
-part 80 "3. batch 256, TF masks, activation checkpointing" --batch 256 --family tf --rounds 1 --steps 5 \
+part 200 "1. shipped config (run.compile=$compile_default)" --batch auto --family rb tf --rounds 3 --profile-steps 2
+part 120 "2. run.compile=$compile_other" --batch 128 --family rb tf --rounds 2 --set "run.compile=$compile_other"
+part 90 "3. batch 256, TF masks, activation checkpointing" --batch 256 --family tf --rounds 1 --steps 5 \
     --set model.grad_checkpointing=true
