@@ -70,7 +70,7 @@ def test_resume_from_a_checkpoint_is_exact(tmp_path):
 def test_gradient_accumulation_averages_micro_batches():
     cfg = micro_cfg("optim.grad_accum=2", "mask.schedule=rb")
     trainer = Pretrainer(cfg, -8.0, 4.0, torch.device("cpu"))
-    masks = [trainer.masks(8, micro) for micro in range(2)]
+    masks = trainer.plan(0, [fake_batch(0), fake_batch(1)])
     assert masks[0].family == masks[1].family  # one family per optimizer step
     assert not torch.equal(masks[0].context, masks[1].context)  # but fresh positions per micro-batch
     before = params(trainer).clone()

@@ -81,6 +81,8 @@ def test_store_rows_equal_the_audio_pipeline_and_stats_are_exact(ray_local, tmp_
     by_id = dict(zip(arrays.ids, arrays.fbank, strict=True))
     decoded = data.decode_fbank(batch["fbank"], (128, 128))
     assert decoded.shape == (3, 128, 128) and decoded.dtype == np.float16
+    into = np.zeros_like(decoded)
+    assert data.decode_fbank(batch["fbank"], (128, 128), out=into) is into and np.array_equal(into, decoded)
     for row_id, fb in zip(batch["id"], decoded, strict=True):
         assert np.array_equal(fb, by_id[row_id])
 

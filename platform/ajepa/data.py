@@ -320,10 +320,14 @@ def fbank_shape(audio: dict[str, Any]) -> tuple[int, int]:
     return audio["target_frames"], audio["num_mel_bins"]
 
 
-def decode_fbank(column: Any, shape: tuple[int, int]) -> np.ndarray:
-    """A batch of stored fbank byte strings -> (N, T, F) float16, with one copy."""
-    flat = np.frombuffer(b"".join(column), dtype=np.float16)
-    return flat.reshape(len(column), *shape)
+def decode_fbank(column: Any, shape: tuple[int, int], out: np.ndarray | None = None) -> np.ndarray:
+    """A batch of stored fbank byte strings -> (N, T, F) float16, with one copy: into `out` when given (e.g.
+    the pinned buffer of a tensor), else into a new array."""
+    if out is None:
+        return np.frombuffer(b"".join(column), dtype=np.float16).reshape(len(column), *shape)
+    for row, raw in zip(out, column, strict=True):
+        row[...] = np.frombuffer(raw, dtype=np.float16).reshape(shape)
+    return out
 
 
 def read_stats(store: str | Path) -> dict[str, Any]:

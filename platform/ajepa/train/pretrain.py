@@ -24,7 +24,7 @@ from torch import Tensor
 
 from ajepa.audio import apply_augmentation, normalize
 from ajepa.config import Config, ConfigError, config_from_dict, save_config
-from ajepa.masking import MaskBatch, sample_masks, tf_probability, validate_masks
+from ajepa.masking import tf_probability, validate_masks
 from ajepa.models.ajepa import AJEPA
 from ajepa.train import schedules
 from ajepa.train.inputs import HostBatch, MicroBatch, Prefetcher, plan_step
@@ -75,12 +75,6 @@ class Pretrainer:
     def prefetch(self, batches: Iterator[HostBatch], depth: int = 2) -> Prefetcher:
         """Device-ready steps from this trainer's current step on, planned and copied ahead of time."""
         return Prefetcher(self.plan, batches, self.cfg.optim.grad_accum, self.step, self.device, depth)
-
-    def masks(self, batch_size: int, micro: int) -> MaskBatch:
-        # Family and sizes depend on (seed, step) only; positions on the rank and micro-batch too.
-        accum = self.cfg.optim.grad_accum
-        return sample_masks(self.cfg.mask, self.grid, batch_size, step=self.step, total_steps=self.cfg.optim.steps,
-                            seed=self.cfg.run.seed, rank=self.rank * accum + micro)
 
     def set_schedules(self) -> None:
         lr = schedules.learning_rate(self.step, self.cfg.optim)
@@ -210,7 +204,7 @@ def _batches(shard: Any, batch_size: int, shape: tuple[int, int], pin: bool) -> 
         for batch in shard.iter_batches(batch_size=batch_size, drop_last=True, batch_format="numpy"):
             # One copy from Arrow's read-only bytes into (pinned) memory that torch owns.
             fbank = torch.empty((batch_size, *shape), dtype=torch.float16, pin_memory=pin)
-            fbank.numpy()[:] = decode_fbank(batch["fbank"], shape)
+            decode_fbank(batch["fbank"], shape, out=fbank.numpy())
             yield fbank, torch.from_numpy(batch["n_frames"].astype(np.int64))
 
 
