@@ -145,12 +145,15 @@ def metric_steps(result, key="loss"):
 @pytest.mark.slow
 def test_killed_worker_is_restarted_and_the_run_completes(tmp_path, small_store, monkeypatch):
     monkeypatch.setenv(pretrain.FAULT_ENV, "5")
-    cfg = ray_cfg(tmp_path, "run.max_failures=1")
+    cfg = ray_cfg(tmp_path, "run.max_failures=1", "eval.every=4", "eval.max_clips=32")
     result = pretrain.run_pretrain(cfg, store=small_store)
     assert (result.run_dir / "fault_injected").exists(), "the fault was never injected"
     assert result.step == 8 and result.checkpoint.name == "step_00000008"
     steps = [s for s, _ in metric_steps(result)]
     assert steps[-1] == 8 and {2, 4, 6, 8} <= set(steps)
+    probes = dict(metric_steps(result, "probe/linear_acc"))  # the online probe, on rank 0, every 4 steps
+    assert {4, 8} <= set(probes) and all(0 <= v <= 1 for v in probes.values())
+    assert {4, 8} <= {s for s, _ in metric_steps(result, "probe/knn_acc")}
     run = mlflow.MlflowClient(result.tracking_uri).get_run(result.mlflow_run_id)
     assert run.info.status == "FINISHED"
     assert run.data.params["model.embed_dim"] == "64" and run.data.params["optim.steps"] == "8"

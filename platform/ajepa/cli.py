@@ -45,6 +45,14 @@ def _parser() -> argparse.ArgumentParser:
     pre.add_argument("--resume", default=None, metavar="RUN_OR_PATH",
                      help="continue a run from its last checkpoint (run name under --out, or its folder)")
     pre.set_defaults(func=pretrain)
+
+    ev = sub.add_parser("evaluate", help="linear probe and kNN on a frozen encoder")
+    _common(ev)
+    ev.add_argument("--checkpoint", required=True, metavar="RUN_OR_PATH",
+                    help="a pretraining run (name under --out, or folder), a pretrain.pt checkpoint, or 'random' "
+                         "for the random-init baseline (model and seed from --config)")
+    ev.add_argument("--data", default=None, help="labelled spectrogram store (default: data.store, else the demo)")
+    ev.set_defaults(func=evaluate)
     return parser
 
 
@@ -96,15 +104,27 @@ def pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def evaluate(args: argparse.Namespace) -> int:
+    from ajepa.eval import run_evaluate
+    from ajepa.tracking import ui_command
+
+    result = run_evaluate(load_config(args.config, _job_overrides(args)), args.checkpoint, args.data)
+    print(result.table)
+    print(f"results: {result.results}")
+    print(f"MLflow run {result.mlflow_run_id}; open with: {ui_command(result.tracking_uri)}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from ajepa.data import StoreError
     from ajepa.demo_data import DemoToolsMissing
+    from ajepa.eval import EvalError
     from ajepa.train.pretrain import CheckpointError
 
     args = _parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, StoreError, CheckpointError, DemoToolsMissing) as exc:
+    except (ConfigError, StoreError, CheckpointError, EvalError, DemoToolsMissing) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -196,6 +196,26 @@ class RunConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Frozen-encoder evaluation (method.md §5): offline with jobs/evaluate.py, online during pretraining."""
+
+    encoder: str = "target"  # target (EMA) or context
+    knn_k: int = 5
+    batch_size: int = 64  # clips per encoder call when embedding
+    every: int = 0  # online probe every this many pretraining steps; 0 = off
+    store: str = ""  # labelled store of the online probe; empty: the training store
+    max_clips: int = 2000  # online probe: at most this many clips per split (the first ones, a fixed set)
+
+    def validate(self, prefix: str = "eval") -> None:
+        _check(self.encoder in ("target", "context"), f"{prefix}.encoder",
+               f"must be target or context, got {self.encoder!r}")
+        _check(self.knn_k >= 1, f"{prefix}.knn_k", f"must be >= 1, got {self.knn_k}")
+        _check(self.batch_size >= 1, f"{prefix}.batch_size", f"must be >= 1, got {self.batch_size}")
+        _check(self.every >= 0, f"{prefix}.every", f"must be >= 0 (0: off), got {self.every}")
+        _check(self.max_clips >= 1, f"{prefix}.max_clips", f"must be >= 1, got {self.max_clips}")
+
+
+@dataclass
 class Config:
     audio: AudioConfig = field(default_factory=AudioConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -203,6 +223,7 @@ class Config:
     mask: MaskConfig = field(default_factory=MaskConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def validate(self) -> None:
         for f in dataclasses.fields(self):

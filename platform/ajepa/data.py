@@ -375,20 +375,30 @@ class StoreArrays:
         return len(self.ids)
 
 
-def load_store(store: str | Path, split: str | None = None, limit: int | None = None) -> StoreArrays:
-    """Read a split (None: all) into memory with pyarrow, no Ray: for the small sets probes and tests use."""
-    store = Path(store)
-    audio = read_stats(store)["audio"]
+def _split_table(store: Path, split: str | None, columns: list[str] | None = None) -> pa.Table:
     tables = []
     for path in _split_dirs(store, split):
         files = sorted(str(f) for f in Path(path).glob("*.parquet"))
-        table = pads.dataset(files, format="parquet").to_table()
+        table = pads.dataset(files, format="parquet").to_table(columns=columns)
         tables.append(table.append_column("split", pa.array([path.rsplit("=", 1)[1]] * table.num_rows)))
-    if not tables:
+    if not tables or not sum(t.num_rows for t in tables):
         raise StoreError(f"{store}: has no rows in split {split!r}")
-    table = pa.concat_tables(tables, promote_options="default")
-    if limit is not None:
-        table = table.slice(0, limit)
+    return pa.concat_tables(tables, promote_options="default")
+
+
+def read_labels(store: str | Path, split: str | None = None) -> list[str]:
+    """The label column of a split alone (cheap at any store size)."""
+    return _split_table(Path(store), split, columns=["label"]).column("label").to_pylist()
+
+
+def load_store(store: str | Path, split: str | None = None, rows: list[int] | None = None) -> StoreArrays:
+    """Read a split (None: all), or the given rows of it, into memory with pyarrow, no Ray: for the small
+    sets probes and tests use. Only the rows asked for are decoded."""
+    store = Path(store)
+    audio = read_stats(store)["audio"]
+    table = _split_table(store, split)
+    if rows is not None:
+        table = table.take(pa.array(rows, type=pa.int64()))
     fbank = decode_fbank(table.column("fbank").to_pylist(), fbank_shape(audio))
     skip = {"id", "label", "fbank", "n_frames", "frame_sum", "frame_sumsq", "reason"}
     extra = {c: table.column(c).to_pylist() for c in table.column_names if c not in skip}

@@ -24,6 +24,7 @@ from torch import Tensor
 
 from ajepa.audio import apply_augmentation, normalize
 from ajepa.config import Config, ConfigError, config_from_dict, save_config
+from ajepa.eval import EvalError, ProbeSet, probe
 from ajepa.masking import tf_probability, validate_masks
 from ajepa.models.ajepa import AJEPA
 from ajepa.train import schedules
@@ -226,6 +227,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         with checkpoint.as_directory() as folder:
             trainer.load(Path(folder) / CHECKPOINT_FILE)
     tracker = Tracker.attach(config["tracking_uri"], config["mlflow_run_id"]) if rank == 0 else NullTracker()
+    probe_set = ProbeSet.load(config["eval_store"], cfg.eval.max_clips) if cfg.eval.every and rank == 0 else None
     batches = _batches(ray.train.get_dataset_shard("train"), cfg.data.batch_size, tuple(config["fbank_shape"]),
                        pin=device.type == "cuda")
     steps = trainer.prefetch(batches)
@@ -245,12 +247,19 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         step = trainer.step
         log_now = step % cfg.run.log_every == 0 or step == total
         save_now = step % cfg.run.checkpoint_every == 0 or step == total
-        if not (log_now or save_now):
+        probe_now = cfg.eval.every > 0 and (step % cfg.eval.every == 0 or step == total)
+        if not (log_now or save_now or probe_now):
             continue
         elapsed = time.perf_counter() - window_start
         metrics = {**trainer.metrics(), **{k: v for k, v in step_info.items() if k != "data_time"},
                    "step": step, "step_time": elapsed / window_steps, "data_time": window_data / window_steps,
                    "samples_per_s": global_batch * window_steps / elapsed}
+        if probe_set is not None and probe_now:  # rank 0 only; the others wait at the next collective
+            metrics.update(online_probe(trainer, probe_set))
+            print(f"step {step} probe: linear {100 * metrics[f'probe/linear_{probe_set.metric}']:.1f}% knn "
+                  f"{100 * metrics[f'probe/knn_{probe_set.metric}']:.1f}% ({metrics['probe/seconds']:.1f} s, "
+                  f"{metrics['probe/seconds'] / cfg.eval.every / metrics['step_time']:.1%} of the steps' time)",
+                  flush=True)
         if rank == 0:
             tracker.log_metrics(metrics, step)
             print(f"step {step}/{total} loss {metrics['loss']:.4f} lr {metrics['lr']:.2e} "
@@ -258,6 +267,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         _report(trainer, metrics, save_now and rank == 0, step)
         window_start, window_steps, window_data = time.perf_counter(), 0, 0.0
     steps.close()
+
+
+def online_probe(trainer: Pretrainer, probe_set: ProbeSet) -> dict[str, float]:
+    """The frozen-encoder probe of eval.py on the encoder being trained, at its current step."""
+    cfg = trainer.cfg
+    encoder = trainer.model.target_encoder if cfg.eval.encoder == "target" else trainer.model.context_encoder
+    return probe(encoder, probe_set, cfg.data.crop_frames, cfg.eval, trainer.device)
 
 
 def _report(trainer: Pretrainer, metrics: dict[str, float], with_checkpoint: bool, step: int) -> None:
@@ -288,7 +304,8 @@ class PretrainResult:
     tracking_uri: str
 
 
-def _resolve_store(cfg: Config, store: str | Path | None) -> Path:
+def resolve_store(cfg: Config, store: str | Path | None) -> Path:
+    """--data, else data.store, else the built-in demo store (built on first use)."""
     from ajepa import data
 
     if store:
@@ -307,6 +324,20 @@ def _check_store(cfg: Config, stats: dict[str, Any], store: Path, workers: int) 
     if per_rank < cfg.data.batch_size:
         raise ConfigError(f"data.batch_size: {cfg.data.batch_size} is larger than the {per_rank} training rows each "
                           f"of {max(workers, 1)} workers gets from {store}")
+
+
+def _check_eval_store(cfg: Config, store: Path) -> str:
+    """The online probe's store (eval.store, else the training store), loaded once here so that a store
+    without labels, or with a label set that differs between splits, stops the run before Ray starts."""
+    if not cfg.eval.every:
+        return ""
+    eval_store = Path(cfg.eval.store) if cfg.eval.store else store
+    try:
+        ProbeSet.load(eval_store, cfg.eval.max_clips)
+    except EvalError as exc:
+        raise ConfigError(f"eval.every={cfg.eval.every}: {exc} (set eval.store to a labelled store, or "
+                          "eval.every=0)") from None
+    return str(eval_store)
 
 
 def new_run_name() -> str:
@@ -357,9 +388,10 @@ def run_pretrain(cfg: Config, *, store: str | Path | None = None, resume: str | 
             raise ConfigError(f"run.name: {out / name} already exists; use --resume {name} to continue it")
     grid = patch_grid(cfg)
     validate_masks(cfg.mask, grid)
-    store = _resolve_store(cfg, store)
+    store = resolve_store(cfg, store)
     stats = data.read_stats(store)
     _check_store(cfg, stats, store, cfg.run.workers)
+    eval_store = _check_eval_store(cfg, store)
 
     run_dir = out / name
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -383,7 +415,7 @@ def run_pretrain(cfg: Config, *, store: str | Path | None = None, resume: str | 
         loop_config = {"config": cfg.to_dict(), "mean": stats["mean"], "std": stats["std"],
                        "fbank_shape": data.fbank_shape(stats["audio"]),
                        "tracking_uri": uri, "mlflow_run_id": run_id,
-                       "fault_marker": str(run_dir / "fault_injected")}
+                       "fault_marker": str(run_dir / "fault_injected"), "eval_store": eval_store}
         if os.environ.get(FAULT_ENV):
             loop_config["fault_at_step"] = int(os.environ[FAULT_ENV])
         use_gpu = cfg.run.gpus_per_worker > 0

@@ -1,0 +1,11 @@
+"""Frozen-encoder evaluation: `python jobs/evaluate.py --checkpoint RUN_OR_PATH|random [--data STORE] ...`."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))  # ajepa without installing it
+
+from ajepa.cli import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main(["evaluate", *sys.argv[1:]]))

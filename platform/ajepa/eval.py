@@ -1,0 +1,371 @@
+"""Frozen-encoder evaluation (method.md §5): embeddings, a linear probe and cosine kNN, accuracy or mAP.
+
+One protocol for every encoder, random or pretrained, so that their numbers compare:
+- each clip is cropped at frame 0 to the encoder's input length, normalised with its store's statistics,
+  encoded, and its tokens mean-pooled over the time patches that hold real (not padded) frames;
+- linear probe: logistic regression on standardised features (softmax for single-label tasks, one sigmoid
+  per class for multi-label ones), full-batch L-BFGS from zeros, so it is deterministic. The L2 strength is
+  chosen on val from `L2_GRID`, then the probe is refitted on train + val and scored on test;
+- kNN: cosine similarity to the train + val clips, the k nearest vote with weights (1 + similarity) / 2;
+- single-label tasks report accuracy, multi-label ones (labels `a;b`) mean average precision.
+
+Pure torch on arrays: the offline job (`run_evaluate`) and the online probe during pretraining share it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ajepa.audio import normalize
+from ajepa.config import Config, EvalConfig, config_from_dict
+from ajepa.models.vit import VisionTransformer
+
+if TYPE_CHECKING:  # data.py imports pyarrow, which the GPU benchmarks' machines need not have
+    from ajepa.data import StoreArrays
+
+L2_GRID = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # strongest last; ties on val go to the stronger one
+SPLITS = ("train", "val", "test")
+
+
+class EvalError(ValueError):
+    """The store or the checkpoint cannot be evaluated; the message names it."""
+
+
+# ------------------------------------------------------------------------------------------------ labels
+
+
+@dataclass(frozen=True)
+class Labels:
+    """A labelled split: targets as class indices (single-label) or a 0/1 matrix (multi-label)."""
+
+    classes: list[str]
+    multi_label: bool
+    targets: Tensor  # (N,) int64 or (N, C) float32
+
+
+def label_sets(labels: dict[str, list[str]], store: str) -> tuple[list[str], bool]:
+    """Classes (from train) and whether the task is multi-label; errors name the store and the split."""
+    if not any(lab for lab in labels["train"]):
+        raise EvalError(f"{store}: the train split has no labels; evaluation needs a labelled store")
+    multi = any(";" in lab for split in labels.values() for lab in split)
+    classes = sorted({c for lab in labels["train"] for c in lab.split(";") if c})
+    for split, values in labels.items():
+        unlabelled = sum(1 for lab in values if not lab)
+        if unlabelled:
+            raise EvalError(f"{store}: {unlabelled} clips of split {split} have no label")
+        unknown = sorted({c for lab in values for c in lab.split(";")} - set(classes))
+        if unknown:
+            raise EvalError(f"{store}: split {split} has labels that train lacks: {', '.join(unknown[:5])}; "
+                            "the label set must be the same in every split")
+    return classes, multi
+
+
+def encode_labels(values: list[str], classes: list[str], multi_label: bool) -> Labels:
+    index = {c: i for i, c in enumerate(classes)}
+    if multi_label:
+        targets = torch.zeros(len(values), len(classes))
+        for row, lab in enumerate(values):
+            targets[row, [index[c] for c in lab.split(";")]] = 1.0
+    else:
+        targets = torch.tensor([index[lab] for lab in values], dtype=torch.int64)
+    return Labels(classes, multi_label, targets)
+
+
+# ------------------------------------------------------------------------------------------- embeddings
+
+
+@torch.no_grad()
+def embed(encoder: VisionTransformer, arrays: StoreArrays, crop_frames: int, mean: float, std: float,
+          batch_size: int, device: torch.device) -> Tensor:
+    """(N, D) float32 clip embeddings: crop at 0 (pad if shorter), normalise, encode, mean-pool the tokens
+    of the time patches that hold real frames (padding would pull every short clip towards one point)."""
+    was_training = encoder.training
+    encoder.eval()
+    patch, grid_f = encoder.patch_embed.patch_size, encoder.grid_f
+    out = []
+    for start in range(0, len(arrays), batch_size):
+        fbank = torch.from_numpy(arrays.fbank[start:start + batch_size, :crop_frames].astype(np.float32))
+        if fbank.shape[1] < crop_frames:
+            fbank = F.pad(fbank, (0, 0, 0, crop_frames - fbank.shape[1]))
+        tokens = encoder(normalize(fbank.to(device), mean, std))  # (B, Tp * Fp, D)
+        real = torch.from_numpy(np.minimum(arrays.n_frames[start:start + batch_size], crop_frames))
+        cols = ((real + patch - 1) // patch).clamp(min=1).to(device)  # time patches touching real frames
+        keep = torch.arange(tokens.shape[1], device=device)[None, :] // grid_f < cols[:, None]
+        out.append(((tokens * keep[..., None]).sum(1) / keep.sum(1, keepdim=True)).float().cpu())
+    encoder.train(was_training)
+    return torch.cat(out)
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+
+
+def accuracy(scores: Tensor, targets: Tensor) -> float:
+    return float((scores.argmax(1) == targets).double().mean())
+
+
+def mean_average_precision(scores: Tensor, targets: Tensor) -> float:
+    """Mean over classes with at least one positive of the average precision (the mean, over the positives,
+    of the precision at each positive's rank when ranked by score)."""
+    aps = []
+    for c in range(targets.shape[1]):
+        positives = targets[:, c] > 0
+        if not positives.any():
+            continue
+        order = torch.argsort(scores[:, c], descending=True, stable=True)
+        hits = positives[order].double()
+        precision = hits.cumsum(0) / torch.arange(1, len(hits) + 1, dtype=torch.float64)
+        aps.append(float((precision * hits).sum() / hits.sum()))
+    return float(np.mean(aps)) if aps else float("nan")
+
+
+def score(scores: Tensor, labels: Labels) -> float:
+    return mean_average_precision(scores, labels.targets) if labels.multi_label else accuracy(scores, labels.targets)
+
+
+# -------------------------------------------------------------------------------------------------- probes
+
+
+def _standardise(fit: Tensor, *others: Tensor) -> list[Tensor]:
+    mu, sd = fit.mean(0), fit.std(0).clamp(min=1e-6)
+    return [(x - mu) / sd for x in (fit, *others)]
+
+
+def fit_logistic(x: Tensor, labels: Labels, l2: float, max_iter: int = 200) -> tuple[Tensor, Tensor]:
+    """Weights (D, C) and bias (C,) minimising the mean log loss + l2/2 · |W|², by full-batch L-BFGS."""
+    x = x.double()
+    n_classes = len(labels.classes)
+    w = torch.zeros(x.shape[1], n_classes, dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(n_classes, dtype=torch.float64, requires_grad=True)
+    y = labels.targets.double() if labels.multi_label else labels.targets
+    loss_fn = F.binary_cross_entropy_with_logits if labels.multi_label else F.cross_entropy
+    optimizer = torch.optim.LBFGS([w, b], max_iter=max_iter, tolerance_grad=1e-9, line_search_fn="strong_wolfe")
+
+    def closure() -> Tensor:
+        optimizer.zero_grad()
+        loss = loss_fn(x @ w + b, y) + 0.5 * l2 * (w * w).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    return w.detach().float(), b.detach().float()
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    test: float
+    l2: float
+    val_by_l2: dict[float, float]
+
+
+def linear_probe(feats: dict[str, Tensor], labels: dict[str, Labels]) -> ProbeResult:
+    """L2 chosen on val (train-fitted), then refit on train + val and scored on test."""
+    train, val = _standardise(feats["train"], feats["val"])
+    val_by_l2 = {}
+    for l2 in L2_GRID:
+        w, b = fit_logistic(train, labels["train"], l2)
+        val_by_l2[l2] = score(val @ w + b, labels["val"])
+    best = max(reversed(L2_GRID), key=lambda l2: val_by_l2[l2])  # reversed: ties go to the stronger L2
+    fit_labels = _concat_labels(labels["train"], labels["val"])
+    fit, test = _standardise(torch.cat([feats["train"], feats["val"]]), feats["test"])
+    w, b = fit_logistic(fit, fit_labels, best)
+    return ProbeResult(score(test @ w + b, labels["test"]), best, val_by_l2)
+
+
+def knn_scores(bank: Tensor, bank_labels: Labels, queries: Tensor, k: int) -> Tensor:
+    """(Q, C) votes of each query's k most cosine-similar bank clips, weighted by (1 + similarity) / 2."""
+    sims = F.normalize(queries, dim=1) @ F.normalize(bank, dim=1).T
+    top, idx = sims.topk(min(k, bank.shape[0]), dim=1)
+    onehot = bank_labels.targets.float() if bank_labels.multi_label else F.one_hot(
+        bank_labels.targets, len(bank_labels.classes)).float()
+    return ((1 + top) / 2)[..., None].mul(onehot[idx]).sum(1)
+
+
+def knn_probe(feats: dict[str, Tensor], labels: dict[str, Labels], k: int) -> float:
+    bank = torch.cat([feats["train"], feats["val"]])
+    return score(knn_scores(bank, _concat_labels(labels["train"], labels["val"]), feats["test"], k), labels["test"])
+
+
+def _concat_labels(a: Labels, b: Labels) -> Labels:
+    return Labels(a.classes, a.multi_label, torch.cat([a.targets, b.targets]))
+
+
+# ------------------------------------------------------------------------------------------ the protocol
+
+
+@dataclass(frozen=True)
+class ProbeSet:
+    """The labelled splits of a store, in memory, with what embedding them needs."""
+
+    store: str
+    arrays: dict[str, StoreArrays]
+    labels: dict[str, Labels]
+    mean: float
+    std: float
+    num_mel_bins: int
+
+    @property
+    def metric(self) -> str:
+        return "map" if self.labels["train"].multi_label else "acc"
+
+    @classmethod
+    def load(cls, store: str | Path, max_clips: int | None = None) -> ProbeSet:
+        """The store's labelled splits; with `max_clips`, that many clips of each split, evenly spaced through
+        it (a fixed set that spans the store's listing order, and so its classes). Labels are checked on the
+        whole store first."""
+        from ajepa.data import StoreError, load_store, read_labels, read_stats
+
+        stats = read_stats(store)
+        try:
+            full = {split: read_labels(store, split) for split in SPLITS}
+        except StoreError as exc:
+            raise EvalError(f"{exc}; a probe needs train, val and test clips") from None
+        classes, multi = label_sets(full, str(store))
+        arrays = {split: load_store(store, split, rows=_spread(len(labels), max_clips))
+                  for split, labels in full.items()}
+        labels = {s: encode_labels(a.labels, classes, multi) for s, a in arrays.items()}
+        return cls(str(store), arrays, labels, stats["mean"], stats["std"], stats["audio"]["num_mel_bins"])
+
+
+def _spread(n: int, at_most: int | None) -> list[int] | None:
+    if at_most is None or n <= at_most:
+        return None
+    return np.unique(np.linspace(0, n - 1, at_most).round().astype(np.int64)).tolist()
+
+
+def probe(encoder: VisionTransformer, probe_set: ProbeSet, crop_frames: int, cfg: EvalConfig,
+          device: torch.device) -> dict[str, float]:
+    """`probe/linear_<metric>`, `probe/knn_<metric>`, the chosen L2 and the seconds it all took."""
+    if probe_set.num_mel_bins != encoder.grid_f * encoder.patch_embed.patch_size:
+        raise EvalError(f"{probe_set.store}: {probe_set.num_mel_bins} mel bins, the encoder takes "
+                        f"{encoder.grid_f * encoder.patch_embed.patch_size}")
+    start = time.perf_counter()
+    feats = {s: embed(encoder, a, crop_frames, probe_set.mean, probe_set.std, cfg.batch_size, device)
+             for s, a in probe_set.arrays.items()}
+    linear = linear_probe(feats, probe_set.labels)
+    m = probe_set.metric
+    return {f"probe/linear_{m}": linear.test, f"probe/knn_{m}": knn_probe(feats, probe_set.labels, cfg.knn_k),
+            "probe/linear_l2": linear.l2, "probe/seconds": time.perf_counter() - start}
+
+
+# ----------------------------------------------------------------------------------------------- encoders
+
+
+@dataclass
+class LoadedEncoder:
+    encoder: VisionTransformer
+    crop_frames: int  # the input length the encoder was built (and trained) for
+    source: str  # what was loaded, for the table and MLflow
+    step: int
+    run_dir: Path | None  # the pretraining run it came from, if any
+
+
+def random_encoder(cfg: Config) -> LoadedEncoder:
+    """The encoder pretraining starts from: the same seed and construction as `Pretrainer`."""
+    from ajepa.models.ajepa import AJEPA
+
+    torch.manual_seed(cfg.run.seed)
+    model = AJEPA(cfg.model, cfg.audio.num_mel_bins, max_frames=cfg.data.crop_frames)
+    encoder = model.target_encoder if cfg.eval.encoder == "target" else model.context_encoder
+    return LoadedEncoder(encoder, cfg.data.crop_frames, f"random init (seed {cfg.run.seed})", 0, None)
+
+
+def load_encoder(checkpoint: str, out: Path, which: str) -> LoadedEncoder:
+    """A pretraining run (its name under `out`, or its folder: the newest checkpoint) or a `pretrain.pt`
+    checkpoint (or its step folder). Checkpoints carry the whole config, so the encoder is rebuilt at the
+    size and input length it was trained with."""
+    from ajepa.train.pretrain import CHECKPOINT_FILE, RUN_FILE, load_checkpoint
+
+    path = Path(checkpoint)
+    run_dir = None
+    if not path.exists() and (out / checkpoint / RUN_FILE).exists():
+        path = out / checkpoint
+    if (path / RUN_FILE).exists():
+        run_dir = path
+        steps = sorted(path.glob(f"step_*/{CHECKPOINT_FILE}"))
+        if not steps:
+            raise EvalError(f"{path}: the run has no checkpoint yet")
+        path = steps[-1]
+    elif (path / CHECKPOINT_FILE).exists():
+        path = path / CHECKPOINT_FILE
+    if not path.is_file():
+        raise EvalError(f"--checkpoint {checkpoint}: no pretraining run or checkpoint there")
+    state = load_checkpoint(path)
+    cfg = config_from_dict(state["config"], source=str(path))
+    prefix = f"{which}_encoder."
+    encoder = VisionTransformer(cfg.model, cfg.audio.num_mel_bins, cfg.data.crop_frames)
+    try:
+        encoder.load_state_dict({k[len(prefix):]: v for k, v in state["model"].items() if k.startswith(prefix)})
+    except RuntimeError as exc:
+        raise EvalError(f"{path}: weights do not fit the encoder its config describes ({exc})") from None
+    step = int(state["step"])
+    return LoadedEncoder(encoder, cfg.data.crop_frames, f"{path} ({which} encoder, step {step})", step, run_dir)
+
+
+# ----------------------------------------------------------------------------------------------- the job
+
+
+@dataclass
+class EvaluateResult:
+    metrics: dict[str, float]
+    table: str
+    results: Path
+    mlflow_run_id: str
+    tracking_uri: str
+
+
+def format_table(loaded: LoadedEncoder, probe_set: ProbeSet, metrics: dict[str, float], k: int) -> str:
+    m = probe_set.metric
+    counts = ", ".join(f"{s} {len(a)}" for s, a in probe_set.arrays.items())
+    n_classes = len(probe_set.labels["train"].classes)
+    kind = "multi-label, mAP" if m == "map" else "accuracy"
+    return "\n".join([
+        f"encoder: {loaded.source}",
+        f"store:   {probe_set.store} ({counts}; {n_classes} classes, {kind})",
+        f"  linear probe (L2 {metrics['probe/linear_l2']:g} chosen on val)  {100 * metrics[f'probe/linear_{m}']:6.1f}%",
+        f"  kNN (k={k}, cosine)                         {100 * metrics[f'probe/knn_{m}']:6.1f}%",
+    ])
+
+
+def run_evaluate(cfg: Config, checkpoint: str, store: str | Path | None = None) -> EvaluateResult:
+    """Embed every split with a frozen encoder, probe it, print and log the result. Everything that can be
+    checked (checkpoint, labels, splits) is checked before the encoder runs."""
+    from ajepa import tracking
+    from ajepa.train.pretrain import RUN_FILE, resolve_store
+
+    out = Path(cfg.run.out_dir).expanduser().absolute()
+    loaded = random_encoder(cfg) if checkpoint == "random" else load_encoder(checkpoint, out, cfg.eval.encoder)
+    probe_set = ProbeSet.load(resolve_store(cfg, store))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    parent = json.loads((loaded.run_dir / RUN_FILE).read_text()) if loaded.run_dir else None
+    uri = parent["tracking_uri"] if parent else tracking.default_tracking_uri(out)
+    name = f"evaluate-{time.strftime('%Y%m%d-%H%M%S')}-{'random' if parent is None else parent['name']}"
+    tracker = tracking.Tracker.start(uri, cfg.run.experiment, name, tags={"ajepa.job": "evaluate"},
+                                     parent_run_id=parent["mlflow_run_id"] if parent else None)
+    try:  # from here on a failure marks the MLflow run FAILED
+        tracker.log_params({"checkpoint": loaded.source, "store": probe_set.store, "eval.encoder": cfg.eval.encoder,
+                            "eval.knn_k": cfg.eval.knn_k, "classes": len(probe_set.labels["train"].classes),
+                            **{f"clips.{s}": len(a) for s, a in probe_set.arrays.items()}})
+        metrics = probe(loaded.encoder.to(device), probe_set, loaded.crop_frames, cfg.eval, device)
+        tracker.log_metrics(metrics, loaded.step)
+        table = format_table(loaded, probe_set, metrics, cfg.eval.knn_k)
+        results = out / name / "results.json"
+        results.parent.mkdir(parents=True, exist_ok=True)
+        results.write_text(json.dumps({"checkpoint": loaded.source, "store": probe_set.store, "step": loaded.step,
+                                       "metrics": metrics}, indent=2))
+        tracker.log_artifact(results)
+    except BaseException:
+        tracker.finish("FAILED")
+        raise
+    tracker.finish("FINISHED")
+    return EvaluateResult(metrics, table, results, tracker.run_id, uri)

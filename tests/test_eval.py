@@ -1,0 +1,171 @@
+"""Frozen-encoder evaluation: metrics by hand, probes with known answers, label checks, the evaluate job."""
+
+import json
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from ajepa.config import ConfigError, load_config
+from ajepa.data import StoreArrays
+from ajepa.eval import (
+    EvalError,
+    ProbeSet,
+    embed,
+    encode_labels,
+    knn_probe,
+    label_sets,
+    linear_probe,
+    load_encoder,
+    mean_average_precision,
+    run_evaluate,
+)
+from ajepa.models.vit import VisionTransformer
+from ajepa.train.pretrain import Pretrainer
+from conftest import tone
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["model.embed_dim=64", "model.depth=2", "model.num_heads=2", "model.pred_dim=32", "model.pred_depth=1",
+        "model.pred_heads=2", "data.batch_size=4"]
+
+
+def clusters(n_per_class: int, classes: int, seed: int, spread: float) -> tuple[torch.Tensor, list[str]]:
+    """Gaussian blobs in 16-D, one per class, `spread` wide around well-separated centres."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.eye(16)[:classes] * 10
+    feats = torch.cat([centres[c] + spread * torch.randn(n_per_class, 16, generator=g) for c in range(classes)])
+    return feats, [f"c{c}" for c in range(classes) for _ in range(n_per_class)]
+
+
+def probe_inputs(spread: float, shuffle_labels: bool = False):
+    feats, labels = {}, {}
+    for i, split in enumerate(("train", "val", "test")):
+        x, y = clusters(20, 3, seed=i, spread=spread)
+        if shuffle_labels:
+            y = [y[j] for j in torch.randperm(len(y), generator=torch.Generator().manual_seed(10 + i))]
+        feats[split], labels[split] = x, encode_labels(y, ["c0", "c1", "c2"], multi_label=False)
+    return feats, labels
+
+
+def test_mean_average_precision_by_hand():
+    scores = torch.tensor([[0.9, 0.1], [0.8, 0.7], [0.3, 0.2], [0.1, 0.9]])
+    targets = torch.tensor([[1, 0], [0, 1], [1, 0], [0, 0]], dtype=torch.float32)
+    # class 0 ranks rows 0, 1, 2, 3: positives at ranks 1 and 3 -> (1/1 + 2/3) / 2 = 5/6
+    # class 1 ranks rows 3, 1, 2, 0: its one positive at rank 2 -> 1/2
+    assert mean_average_precision(scores, targets) == pytest.approx((5 / 6 + 1 / 2) / 2)
+    # a class without positives is left out, not scored 0
+    assert mean_average_precision(scores, torch.cat([targets, torch.zeros(4, 1)], 1)) == pytest.approx(2 / 3)
+
+
+def test_probes_find_separable_classes_and_not_shuffled_ones():
+    feats, labels = probe_inputs(spread=1.0)
+    result = linear_probe(feats, labels)
+    assert result.test == 1.0 and result.l2 in result.val_by_l2
+    assert knn_probe(feats, labels, k=5) == 1.0
+    feats, labels = probe_inputs(spread=1.0, shuffle_labels=True)
+    assert linear_probe(feats, labels).test < 0.6 and knn_probe(feats, labels, k=5) < 0.6  # chance is 1/3
+
+
+def test_multi_label_probes_report_map():
+    feats, labels = {}, {}
+    for i, split in enumerate(("train", "val", "test")):
+        x, y = clusters(20, 3, seed=i, spread=1.0)
+        y = [f"{lab};both" if lab != "c2" else lab for lab in y]  # c0 and c1 also carry "both"
+        feats[split], labels[split] = x, encode_labels(y, ["both", "c0", "c1", "c2"], multi_label=True)
+    assert labels["test"].targets.sum(0).tolist() == [40, 20, 20, 20]
+    assert linear_probe(feats, labels).test == pytest.approx(1.0)
+    assert knn_probe(feats, labels, k=5) == pytest.approx(1.0)
+
+
+def test_label_checks_name_the_store_and_split():
+    ok = {"train": ["a", "b"], "val": ["a"], "test": ["b;a"]}
+    assert label_sets(ok, "S") == (["a", "b"], True)
+    with pytest.raises(EvalError, match="S: the train split has no labels"):
+        label_sets({"train": ["", ""], "val": [""], "test": [""]}, "S")
+    with pytest.raises(EvalError, match="S: split test has labels that train lacks: c"):
+        label_sets({"train": ["a", "b"], "val": ["a"], "test": ["c"]}, "S")
+    with pytest.raises(EvalError, match="S: 1 clips of split val have no label"):
+        label_sets({"train": ["a", "b"], "val": ["a", ""], "test": ["b"]}, "S")
+
+
+def test_embedding_pools_real_frames_only_and_ignores_the_batch():
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", TINY)
+    torch.manual_seed(0)
+    encoder = VisionTransformer(cfg.model, 128, 128)
+    rng = np.random.default_rng(0)
+    fbank = rng.normal(-6, 3, size=(3, 128, 128)).astype(np.float16)
+    arrays = StoreArrays(["a", "b", "c"], ["x"] * 3, fbank, np.array([128, 40, 5]), {})
+    together = embed(encoder, arrays, 128, -6.0, 3.0, batch_size=3, device=torch.device("cpu"))
+    alone = embed(encoder, arrays, 128, -6.0, 3.0, batch_size=1, device=torch.device("cpu"))
+    torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        tokens = encoder((torch.from_numpy(fbank[1:2].astype(np.float32)) + 6.0) / 6.0)  # normalise: (x-m)/(2s)
+    torch.testing.assert_close(together[1], tokens[0, :3 * 8].mean(0))  # 40 frames touch 3 time patches of 16
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory, ray_local):
+    """Two tiny real stores: low vs high tones (labelled, every split), and the same audio unlabelled."""
+    from ajepa import data
+
+    root = tmp_path_factory.mktemp("eval-data")
+    rows = ["path,label,split"]
+    for label, base in (("low", 150.0), ("high", 3000.0)):
+        for i in range(12):
+            path = root / "audio" / f"{label}{i}.wav"
+            path.parent.mkdir(exist_ok=True)
+            sf.write(path, tone(1.0, 16000, freq=base * (1 + 0.05 * i), seed=i), 16000)
+            rows.append(f"audio/{path.name},{label},{('train', 'train', 'val', 'test')[i % 4]}")
+    (root / "labelled.csv").write_text("\n".join(rows) + "\n")
+    audio_cfg = load_config(ROOT / "configs" / "tiny.yaml").audio
+    labelled = data.build_store(root / "labelled.csv", root / "labelled", audio_cfg).out
+    unlabelled = data.build_store(root / "audio", root / "unlabelled", audio_cfg).out
+    return labelled, unlabelled
+
+
+def test_evaluate_job_scores_a_known_task_and_logs_to_mlflow(tmp_path, stores):
+    labelled, unlabelled = stores
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", [*TINY, f"run.out_dir={tmp_path}"])
+    result = run_evaluate(cfg, "random", labelled)
+    # Low against high tones: even random features separate them.
+    assert result.metrics["probe/linear_acc"] == 1.0 and result.metrics["probe/knn_acc"] == 1.0
+    assert "linear probe" in result.table and "100.0%" in result.table and "train 12, val 6, test 6" in result.table
+    run = mlflow.MlflowClient(result.tracking_uri).get_run(result.mlflow_run_id)
+    assert run.info.status == "FINISHED" and run.data.metrics["probe/linear_acc"] == 1.0
+    assert run.data.params["clips.test"] == "6" and run.data.tags["ajepa.job"] == "evaluate"
+    assert json.loads(result.results.read_text())["metrics"]["probe/knn_acc"] == 1.0
+    with pytest.raises(EvalError, match="the train split has no labels"):
+        run_evaluate(cfg, "random", unlabelled)
+
+
+def test_checkpoints_load_as_trained_and_bad_ones_are_named(tmp_path, stores):
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", TINY)
+    trainer = Pretrainer(cfg, -8.0, 4.0, torch.device("cpu"))
+    trainer.train_step([(torch.randn(4, 128, 128).half(), torch.full((4,), 98))])
+    (tmp_path / "step_00000001").mkdir()
+    trainer.save(tmp_path / "step_00000001" / "pretrain.pt")
+    for which in ("target", "context"):
+        loaded = load_encoder(str(tmp_path / "step_00000001"), tmp_path, which)
+        expected = getattr(trainer.model, f"{which}_encoder").state_dict()
+        assert all(torch.equal(v, expected[k]) for k, v in loaded.encoder.state_dict().items())
+        assert loaded.step == 1 and loaded.crop_frames == 128
+    with pytest.raises(EvalError, match="--checkpoint nowhere: no pretraining run or checkpoint there"):
+        load_encoder("nowhere", tmp_path, "target")
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint")
+    with pytest.raises(Exception, match=f"{garbage}: corrupt or unreadable checkpoint"):
+        load_encoder(str(garbage), tmp_path, "target")
+
+
+def test_online_probe_needs_a_labelled_store_before_ray_starts(tmp_path, stores):
+    from ajepa.train import pretrain
+
+    labelled, unlabelled = stores
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", [*TINY, "eval.every=2", f"run.out_dir={tmp_path}"])
+    with pytest.raises(ConfigError, match=f"eval.every=2: {unlabelled}: the train split has no labels"):
+        pretrain.run_pretrain(cfg, store=unlabelled)
+    assert not list(tmp_path.iterdir()), "nothing is written before the check"
+    subset = ProbeSet.load(labelled, max_clips=2)  # evenly spaced: the first and last train clips
+    assert subset.arrays["train"].fbank.shape == (2, 128, 128) and subset.arrays["train"].labels == ["low", "high"]
