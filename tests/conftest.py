@@ -1,7 +1,11 @@
 import io
 import os
+import pty
+import select
 import shutil
+import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -61,3 +65,30 @@ def encode(samples: np.ndarray, rate: int, fmt: str = "WAV", subtype: str | None
     buf = io.BytesIO()
     sf.write(buf, samples, rate, format=fmt, subtype=subtype)
     return buf.getvalue()
+
+
+def run_in_terminal(cmd: list[str], env: dict[str, str], timeout: float) -> tuple[int, str]:
+    """Run `cmd` with stdout and stderr on a pseudo-terminal, as from a person's shell: (exit code, output
+    with the terminal's \\r\\n line ends turned back into \\n)."""
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=slave, stderr=slave, env=env)
+    os.close(slave)
+    out = bytearray()
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            if select.select([master], [], [], 0.5)[0]:
+                try:
+                    chunk = os.read(master, 1 << 16)
+                except OSError:  # EIO: every writer closed the terminal
+                    break
+                if not chunk:
+                    break
+                out += chunk
+            elif proc.poll() is not None:
+                break
+    finally:
+        os.close(master)
+        if proc.poll() is None:
+            proc.kill()
+    return proc.wait(timeout=60), out.decode(errors="replace").replace("\r\n", "\n")
