@@ -1,15 +1,20 @@
 """Store build throughput: Ray Data (all CPUs) vs a plain single-process loop over the same audio.py code.
 
-Both turn the same N clips of 10 s audio into fbank spectrograms and write them to Parquet; measured in one
-run, one after the other. Ray start-up is excluded from our figure and printed separately.
+Both turn the same N clips of 10 s audio into fbank spectrograms and write them to Parquet. Shared machines
+are noisy (two runs of a single pair once gave 1.28 and 2.05), so the two run in interleaved rounds, taking
+turns to go first, and the medians are reported: of each side's rate and of the per-round ratios. Ray
+start-up is excluded from our figure and printed separately.
 
-    python benchmarks/data_throughput.py [--clips 500] [--seconds 10] [--rate 22050]
+    python benchmarks/data_throughput.py [--clips 500] [--seconds 10] [--rate 22050] [--rounds 5]
+
+The last line printed is `ratio: <median over rounds of ours clips/s / baseline clips/s>`.
 """
 
 from __future__ import annotations
 
 import argparse
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -46,11 +51,21 @@ def baseline(files: list[Path], cfg: AudioConfig, out: Path) -> float:
     return time.perf_counter() - start
 
 
+def ours(src: Path, cfg: AudioConfig, out: Path) -> tuple[float, int]:
+    """Seconds for a store build of `src`, and the clips it wrote."""
+    from ajepa.data import build_store
+
+    start = time.perf_counter()
+    summary = build_store(src, out, cfg)
+    return time.perf_counter() - start, summary.written
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clips", type=int, default=500)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--rate", type=int, default=22050, help="source sample rate (resampled to 16 kHz)")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds of both sides")
     args = parser.parse_args()
     cfg = AudioConfig(target_frames=1024)
     work = Path(tempfile.mkdtemp(prefix="ajepa-bench-"))
@@ -60,27 +75,29 @@ def main() -> None:
             (src / f"class{c}").mkdir(parents=True)
         make_clips(src, args.clips, args.seconds, args.rate)
         files = sorted(src.rglob("*.wav"))
-        print(f"{len(files)} clips of {args.seconds:g} s at {args.rate} Hz")
+        print(f"{len(files)} clips of {args.seconds:g} s at {args.rate} Hz, {args.rounds} rounds")
 
-        base_s = baseline(files, cfg, work / "baseline.parquet")
-        base_rate = len(files) / base_s
-        print(f"baseline single-process loop: {base_s:.2f} s, {base_rate:.1f} clips/s")
-
-        from ajepa.data import build_store
         from ajepa.runtime import init_ray
 
         # Start-up: the cluster, and worker processes importing torch on a first small build. A long-lived
         # cluster pays this once; it is reported, not counted.
         start = time.perf_counter()
         init_ray()
-        build_store(src / "class0", work / "warmup", cfg)
+        ours(src / "class0", cfg, work / "warmup")
         print(f"ray start-up + worker warm-up (excluded): {time.perf_counter() - start:.2f} s")
-        start = time.perf_counter()
-        summary = build_store(src, work / "store", cfg)
-        ours_s = time.perf_counter() - start
-        ours_rate = summary.written / ours_s
-        print(f"ajepa store build (Ray Data): {ours_s:.2f} s, {ours_rate:.1f} clips/s ({summary.line()})")
-        print(f"ratio: {ours_rate / base_rate:.2f}")
+        sides = {"baseline": lambda r: (baseline(files, cfg, work / f"base{r}.parquet"), len(files)),
+                 "ours": lambda r: ours(src, cfg, work / f"store{r}")}
+        rates: dict[str, list[float]] = {side: [] for side in sides}
+        for r in range(args.rounds):
+            for side in ("baseline", "ours") if r % 2 == 0 else ("ours", "baseline"):  # take turns going first
+                seconds, clips = sides[side](r)
+                rates[side].append(clips / seconds)
+            print(f"round {r + 1}: baseline {rates['baseline'][-1]:.1f} clips/s, ours {rates['ours'][-1]:.1f} "
+                  f"clips/s, ratio {rates['ours'][-1] / rates['baseline'][-1]:.2f}")
+        ratios = [o / b for o, b in zip(rates["ours"], rates["baseline"], strict=True)]
+        print(f"baseline single-process loop (median): {statistics.median(rates['baseline']):.1f} clips/s")
+        print(f"ajepa store build, Ray Data (median): {statistics.median(rates['ours']):.1f} clips/s")
+        print(f"ratio: {statistics.median(ratios):.2f}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -1,10 +1,46 @@
 import csv
 import io
+import os
+import pty
+import select
+import shutil
+import subprocess
+import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
+
+# Per-user state the code under test reads or writes: the Ray auth token (~/.ray), the demo cache
+# (~/.cache/ajepa), MLflow's default store, a cluster to join. Tests see none of the developer's.
+USER_STATE_VARS = ("AJEPA_CACHE", "MLFLOW_TRACKING_URI", "RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN",
+                   "RAY_AUTH_TOKEN_PATH", "XDG_CACHE_HOME", "XDG_CONFIG_HOME", "XDG_DATA_HOME")
+REAL_HOME = Path.home()
+_home_key = pytest.StashKey[Path]()
+
+
+def fresh_user_env(home: Path) -> dict[str, str]:
+    """The environment of a user who has never run anything here: `home` as HOME, no per-user variables."""
+    home.mkdir(parents=True, exist_ok=True)
+    return {**{k: v for k, v in os.environ.items() if k not in USER_STATE_VARS}, "HOME": str(home)}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """This process and every process it starts (Ray, jobs, MLflow) get a fresh HOME, as on a clean machine:
+    a token left in the real ~/.ray by earlier runs once hid a missing `ray get-auth-token` step."""
+    home = Path(tempfile.mkdtemp(prefix="ajepa-test-home-"))
+    config.stash[_home_key] = home
+    for key in USER_STATE_VARS:
+        os.environ.pop(key, None)
+    os.environ["HOME"] = str(home)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if (home := config.stash.get(_home_key, None)) is not None:
+        os.environ["HOME"] = str(REAL_HOME)
+        shutil.rmtree(home, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -36,3 +72,30 @@ def failures(store: Path) -> dict[str, str]:
     """A store's failures.csv as {path: reason}."""
     with (store / "failures.csv").open() as fh:
         return {row["path"]: row["reason"] for row in csv.DictReader(fh)}
+
+
+def run_in_terminal(cmd: list[str], env: dict[str, str], timeout: float) -> tuple[int, str]:
+    """Run `cmd` with stdout and stderr on a pseudo-terminal, as from a person's shell: (exit code, output
+    with the terminal's \\r\\n line ends turned back into \\n)."""
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=slave, stderr=slave, env=env)
+    os.close(slave)
+    out = bytearray()
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            if select.select([master], [], [], 0.5)[0]:
+                try:
+                    chunk = os.read(master, 1 << 16)
+                except OSError:  # EIO: every writer closed the terminal
+                    break
+                if not chunk:
+                    break
+                out += chunk
+            elif proc.poll() is not None:
+                break
+    finally:
+        os.close(master)
+        if proc.poll() is None:
+            proc.kill()
+    return proc.wait(timeout=60), out.decode(errors="replace").replace("\r\n", "\n")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import soundfile as sf
-from conftest import tone
+from conftest import fresh_user_env, tone
 
 ROOT = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).parent / "ray")
@@ -31,10 +31,13 @@ def test_prepare_data_job_runs_on_a_submitted_cluster(tmp_path):
             freq = 200.0 if label == "low" else 2000.0
             sf.write(src / label / f"{i}.wav", tone(1.0, 16000, freq=freq, seed=i), 16000)
     dashboard = free_port()
-    # Token auth is on for new clusters (Ray >= 2.59): the client must say so to send the token.
-    # The venv is "activated" so that the job's `python` is the one ajepa's dependencies live in.
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    env.pop("RAY_ADDRESS", None)
+    # The README's commands on a machine that has never run Ray (a fresh HOME: no ~/.ray/auth_token): make a
+    # token, then start the head and submit with token auth on. The venv is "activated" so that the job's
+    # `python` is the one ajepa's dependencies live in.
+    env = {**fresh_user_env(tmp_path / "home"), "RAY_AUTH_MODE": "token",
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    token = subprocess.run([RAY, "get-auth-token", "--generate"], env=env, capture_output=True, text=True, check=True)
+    assert (tmp_path / "home" / ".ray" / "auth_token").read_text().strip() == token.stdout.strip() != ""
     head = subprocess.Popen(
         [RAY, "start", "--head", "--block", "--num-cpus=2", "--disable-usage-stats", f"--port={free_port()}",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--include-dashboard=true"],
@@ -44,7 +47,7 @@ def test_prepare_data_job_runs_on_a_submitted_cluster(tmp_path):
         submit = [RAY, "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
                   "python", "jobs/prepare_data.py", "--input", str(src), "--out", str(tmp_path / "store")]
         deadline = time.monotonic() + 90
-        while True:  # the job server, then its agent, take a few seconds to come up (longer on a busy machine)
+        while True:  # the job server and its agent take a few seconds to come up (longer on a busy machine)
             done = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=300)
             not_up = any(m in done.stdout + done.stderr for m in ("Failed to connect", "No available agent"))
             if done.returncode == 0 or not not_up or time.monotonic() > deadline:

@@ -1,6 +1,8 @@
 """Pretraining: the optimizer step without Ray (fast), then real Ray Train runs with faults and resume (slow)."""
 
 import os
+import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +15,7 @@ from ajepa.config import ConfigError, load_config
 from ajepa.models.vit import VisionTransformer
 from ajepa.train import pretrain
 from ajepa.train.pretrain import CheckpointError, Pretrainer, export_encoder, load_checkpoint
+from conftest import run_in_terminal
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -194,3 +197,73 @@ def test_resume_with_a_damaged_run_record_names_the_file(tmp_path):
         pretrain.run_pretrain(cfg, resume="broken")
     with pytest.raises(ConfigError, match="--resume nowhere: no run found"):
         pretrain.run_pretrain(cfg, resume="nowhere")
+
+
+def pretrain_job(out: Path, store: Path, steps: int, *extra: str) -> list[str]:
+    sets = [*MICRO, "run.torch_threads=1", "run.log_every=2", f"optim.steps={steps}"]
+    return [sys.executable, str(ROOT / "jobs" / "pretrain.py"), "--data", str(store), "--out", str(out),
+            *[arg for flag in sets for arg in ("--set", flag)], *extra]
+
+
+def progress_line(step: int, total: int) -> str:
+    return rf"pretrain: {step}/{total} steps, loss \d+\.\d{{4}}, lr \d\.\d\de-\d\d, \d+\.\d samples/s, ETA \w+"
+
+
+def run_status(out: Path) -> str:
+    client = mlflow.MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("ajepa").experiment_id])
+    return run.info.status
+
+
+@pytest.mark.slow
+def test_job_output_is_progress_and_a_summary_in_a_pipe_and_a_bar_on_a_terminal(tmp_path, small_store):
+    env = {**os.environ, "RAY_ADDRESS": "", "COLUMNS": "200"}
+    done = subprocess.run(pretrain_job(tmp_path / "a", small_store, 6, "--workers", "1"), capture_output=True,
+                          text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    # The raylet's own notices reach every driver's stdout (not its log stream, so not filtered). The one
+    # seen here: "N PYTHON worker processes have been started ... 4x the maximum expected startup
+    # concurrency", when Train's control actors and Ray Data's tasks start at once on a loaded 2-CPU node.
+    lines = [line for line in done.stdout.splitlines() if not line.startswith("\x1b[33m(raylet)")]
+    assert done.stderr == "" and not any("\r" in line or "\x1b" in line for line in lines)
+    assert lines[0].startswith("pretraining pretrain-")
+    assert lines[0].endswith(f"6 steps on 1 worker(s), data {small_store}")
+    for line, step in zip(lines[1:4], (2, 4, 6), strict=True):  # one line per log interval
+        assert re.fullmatch(progress_line(step, 6), line), line
+    assert re.fullmatch(r"pretrained pretrain-\S+: 6 steps, final loss \d+\.\d{4}", lines[4])
+    assert lines[5] == f"data: {small_store}" and lines[6].startswith("checkpoint: ")
+    assert lines[7].startswith("encoder weights: ") and "mlflow ui --backend-store-uri sqlite:///" in lines[8]
+    assert len(lines) == 9
+
+    code, shown = run_in_terminal(pretrain_job(tmp_path / "b", small_store, 4, "--workers", "1"), env, timeout=300)
+    assert code == 0, shown
+    assert re.search(rf"\r\x1b\[K{progress_line(2, 4)}\n", shown), shown  # a line kept above the bar
+    assert re.search(rf"\r\x1b\[K\[#{{20}}\] {progress_line(4, 4)}\n", shown), shown  # the bar, at its end
+
+
+@pytest.mark.slow
+def test_failure_after_fit_marks_the_run_failed(tmp_path, small_store, monkeypatch):
+    def broken_export(state, path):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(pretrain, "export_encoder", broken_export)
+    cfg = micro_cfg("run.workers=1", "run.torch_threads=1", "optim.steps=2", "run.log_every=1",
+                    f"run.out_dir={tmp_path}")
+    with pytest.raises(OSError, match="disk full"):
+        pretrain.run_pretrain(cfg, store=small_store)
+    assert run_status(tmp_path) == "FAILED"
+
+
+@pytest.mark.slow
+def test_ctrl_c_marks_the_run_killed(tmp_path, small_store):
+    proc = subprocess.Popen(pretrain_job(tmp_path, small_store, 5000, "--workers", "1"), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "RAY_ADDRESS": ""})
+    try:
+        while not (line := proc.stdout.readline()).startswith("pretrain: "):  # training is under way
+            assert line, proc.stderr.read()
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=120) == 130
+    finally:
+        proc.kill()
+    assert proc.stderr.read().splitlines()[-1] == "interrupted"
+    assert run_status(tmp_path) == "KILLED"

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 from ajepa.config import ConfigError, load_config
+from ajepa.runtime import VERBOSE_ENV
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 
@@ -23,6 +25,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one config value, e.g. --set optim.lr=1e-3 (repeatable)")
     parser.add_argument("--out", type=Path, default=None, help="output folder")
+    parser.add_argument("--verbose", action="store_true",
+                        help="also show Ray's own logs (workers, Train, Ray Data); same as AJEPA_VERBOSE=1")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -98,8 +102,9 @@ def pretrain(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, overrides)
     result = run_pretrain(cfg, store=args.data, resume=args.resume, overrides=overrides if args.resume else ())
     print(f"pretrained {result.name}: {result.step} steps, final loss {result.metrics.get('loss', float('nan')):.4f}")
-    print(f"encoder weights: {result.encoder}")
+    print(f"data: {result.store}")
     print(f"checkpoint: {result.checkpoint}")
+    print(f"encoder weights: {result.encoder}")
     print(f"MLflow run {result.mlflow_run_id}; open with: {ui_command(result.tracking_uri)}")
     return 0
 
@@ -122,11 +127,16 @@ def main(argv: list[str] | None = None) -> int:
     from ajepa.train.pretrain import CheckpointError
 
     args = _parser().parse_args(argv)
+    if args.verbose:
+        os.environ[VERBOSE_ENV] = "1"  # read where Ray starts, and inherited by the processes it starts
     try:
         return args.func(args)
     except (ConfigError, StoreError, CheckpointError, EvalError, DemoToolsMissing) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130  # the shell's code for a SIGINT exit
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ This module is the only place that builds Ray Datasets.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import hashlib
@@ -33,9 +34,11 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 
 from ajepa.audio import AudioError, spectrogram_from_bytes
 from ajepa.config import AudioConfig
+from ajepa.progress import Progress, polling
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".mp3", ".aiff", ".aif", ".au", ".w64", ".caf")
 SPLITS = ("train", "val", "test")
@@ -239,6 +242,7 @@ def build_store(source: str | Path, out: str | Path, cfg: AudioConfig, *, overwr
         raise StoreError(f"{source}: no audio files found (extensions: {' '.join(AUDIO_EXTENSIONS)})")
     rows = input_rows(clips)
     out.parent.mkdir(parents=True, exist_ok=True)
+    print(f"store build: {len(rows)} clips from {source} -> {out}", flush=True)
     init_ray()  # only now: bad input is reported without waiting for a cluster
     staging = _staging_dir(out)
     # The build is one fused read->fbank->write operator: per-operator resource reservation only held it to
@@ -251,12 +255,36 @@ def build_store(source: str | Path, out: str | Path, cfg: AudioConfig, *, overwr
         ds = ray.data.from_items(rows, override_num_blocks=math.ceil(len(rows) / per_task))
         ds = ds.map_batches(process_batch, fn_kwargs={"cfg": cfg}, batch_size=per_task, batch_format="numpy")
         # One file per task: min_rows_per_file would funnel every row through a single writer task.
-        ds.write_parquet(str(staging / "rows"), partition_cols=["status", "split"])
+        with _build_progress(staging / "rows", len(rows)):
+            ds.write_parquet(str(staging / "rows"), partition_cols=["status", "split"])
         summary = _finalise(staging, out, cfg, source, overwrite)
     finally:
         context.op_resource_reservation_enabled = reservation
         shutil.rmtree(staging, ignore_errors=True)
     return summary
+
+
+@contextlib.contextmanager
+def _build_progress(rows: Path, total: int):
+    """Clips done, clips/s, failures so far and ETA while the build runs, counted from the Parquet files its
+    tasks have written under `rows` (each task writes its rows when it ends)."""
+    bar = Progress("store build:", total, "clips", every_s=10)
+    counted: dict[Path, int] = {}
+
+    def poll() -> None:
+        for path in rows.rglob("*.parquet"):
+            if path not in counted:
+                with contextlib.suppress(OSError, pa.ArrowInvalid):  # still being written: counted next time
+                    counted[path] = pq.read_metadata(path).num_rows
+        done = sum(counted.values())
+        failed = sum(n for path, n in counted.items() if "status=failed" in path.parts)
+        bar.update(done, f"{bar.rate(done):.1f} clips/s, {failed} failed")
+
+    try:
+        with polling(poll):
+            yield
+    finally:
+        bar.close()
 
 
 def _read_partition(folder: Path, columns: list[str]) -> pa.Table:

@@ -1,8 +1,12 @@
-"""Joining or starting Ray, the same way for every job.
+"""Joining or starting Ray, the same way for every job, and how much of Ray's output a job shows.
 
 No RAY_ADDRESS: a local cluster on this machine. With one (as under `ray job submit`): join it. Workers
 on other nodes get the `ajepa` package through `runtime_env.py_modules`, because `--working-dir .` puts
 the repo root on their path, not `platform/`.
+
+A job prints what it is doing, its progress and a summary; Ray's own logs (workers, Train controller,
+Ray Data operators) stay in the session folder (`/tmp/ray/session_latest/logs`). `--verbose` or
+AJEPA_VERBOSE=1 brings them back to the terminal.
 """
 
 from __future__ import annotations
@@ -13,27 +17,46 @@ from pathlib import Path
 
 import ajepa
 
+VERBOSE_ENV = "AJEPA_VERBOSE"
+
 
 def package_dir() -> str:
     return str(Path(ajepa.__file__).resolve().parent)
 
 
-def init_ray(num_cpus: int | None = None, quiet: bool = True) -> None:
+def verbose() -> bool:
+    return os.environ.get(VERBOSE_ENV, "") not in ("", "0")
+
+
+def init_ray(num_cpus: int | None = None) -> None:
     import ray
     import ray.data
 
     if ray.is_initialized():
         return
+    loud = verbose()
+    if not loud:
+        _quiet_driver_logs()
     # Train V2's print patch would show every worker line twice in the driver's output.
     env_vars = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
-    kwargs = {"runtime_env": {"py_modules": [package_dir()], "env_vars": env_vars}}
-    if quiet:
-        kwargs["logging_level"] = logging.WARNING
+    kwargs = {"runtime_env": {"py_modules": [package_dir()], "env_vars": env_vars},
+              "log_to_driver": loud, "logging_level": logging.INFO if loud else logging.WARNING}
     if os.environ.get("RAY_ADDRESS"):
         ray.init(**kwargs)
     else:
         # "local", not None: None would join any cluster `ray start` left on this machine (even a dead one).
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **kwargs)
-    ray.data.DataContext.get_current().enable_progress_bars = not quiet
-    if quiet:
-        logging.getLogger("ray.data").setLevel(logging.WARNING)
+        # The dashboard serves the State API, which Train V2's placement-group cleaner polls every second.
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                 **kwargs)
+    ray.data.DataContext.get_current().enable_progress_bars = False  # jobs draw their own (progress.py)
+
+
+def _quiet_driver_logs() -> None:
+    """Ray's messages in the driver that we cannot act on, named one by one."""
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # "Starting execution of Dataset ...", plans
+    # Ray Data warns once that its progress bars are off; they are, on purpose (see init_ray).
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+    # Ray >= 2.59 turns token auth on for every new local cluster (making ~/.ray/auth_token if there is
+    # none) and warns each time that it did. We want it on; setting RAY_AUTH_MODE=token here instead does
+    # not work: Ray read its config when imported, so it makes no token and its GCS dies for want of one.
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)

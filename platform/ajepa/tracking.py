@@ -31,7 +31,11 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
+from ajepa.runtime import verbose
+
 logger = logging.getLogger(__name__)
+if not verbose():  # MLflow logs its SQLite schema migrations at INFO: not for a job's output
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
 
 Status = Literal["FINISHED", "FAILED", "KILLED"]
 T = TypeVar("T")

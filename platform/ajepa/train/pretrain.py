@@ -10,7 +10,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -256,14 +258,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                    "samples_per_s": global_batch * window_steps / elapsed}
         if probe_set is not None and probe_now:  # rank 0 only; the others wait at the next collective
             metrics.update(online_probe(trainer, probe_set))
-            print(f"step {step} probe: linear {100 * metrics[f'probe/linear_{probe_set.metric}']:.1f}% knn "
-                  f"{100 * metrics[f'probe/knn_{probe_set.metric}']:.1f}% ({metrics['probe/seconds']:.1f} s, "
-                  f"{metrics['probe/seconds'] / cfg.eval.every / metrics['step_time']:.1%} of the steps' time)",
-                  flush=True)
+            metrics["probe/cost"] = metrics["probe/seconds"] / (cfg.eval.every * metrics["step_time"])
         if rank == 0:
             tracker.log_metrics(metrics, step)
-            print(f"step {step}/{total} loss {metrics['loss']:.4f} lr {metrics['lr']:.2e} "
-                  f"tf_p {metrics['tf_probability']:.2f} {metrics['samples_per_s']:.1f} samples/s", flush=True)
+            config["progress"].put(metrics)  # the driver prints it: workers' own output stays in Ray's logs
         _report(trainer, metrics, save_now and rank == 0, step)
         window_start, window_steps, window_data = time.perf_counter(), 0, 0.0
     steps.close()
@@ -302,6 +300,7 @@ class PretrainResult:
     encoder: Path
     mlflow_run_id: str
     tracking_uri: str
+    store: Path
 
 
 def resolve_store(cfg: Config, store: str | Path | None) -> Path:
@@ -371,6 +370,7 @@ def run_pretrain(cfg: Config, *, store: str | Path | None = None, resume: str | 
     """Pretrain on Ray Train. Everything that can be checked is checked before a cluster is started."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
+    from ray.util.queue import Queue
 
     from ajepa import data, tracking
     from ajepa.masking import plot_mask_examples
@@ -395,26 +395,31 @@ def run_pretrain(cfg: Config, *, store: str | Path | None = None, resume: str | 
 
     run_dir = out / name
     run_dir.mkdir(parents=True, exist_ok=True)
-    if not resume:
+    if resume:
+        tracker = tracking.Tracker.attach(uri, run_id)
+    else:
         uri = tracking.default_tracking_uri(out)
         tracker = tracking.Tracker.start(uri, cfg.run.experiment, name, tags={"ajepa.job": "pretrain"})
         run_id = tracker.run_id
-        save_config(cfg, run_dir / "config.yaml")
-        tracker.log_params({**cfg.flat(), "data.store_path": str(store), "data.train_clips": stats["counts"]["train"],
-                            "data.mean": stats["mean"], "data.std": stats["std"]})
-        tracker.log_artifact(run_dir / "config.yaml")
-        tracker.log_artifact(Path(store) / "stats.json", "data")
-        tracker.log_artifact(plot_mask_examples(cfg.mask, grid, run_dir / "masks.png"))
-        (run_dir / RUN_FILE).write_text(json.dumps({"name": name, "store": str(store), "mlflow_run_id": run_id,
-                                                    "tracking_uri": uri, "config": cfg.to_dict()}, indent=2))
-    else:
-        tracker = tracking.Tracker.attach(uri, run_id)
-
-    try:  # from here on a failure marks the MLflow run FAILED instead of leaving it RUNNING
+    # The run ends FINISHED, or FAILED on any error (also after fit(): export, upload), KILLED on Ctrl-C.
+    with tracker:
+        if not resume:
+            save_config(cfg, run_dir / "config.yaml")
+            tracker.log_params({**cfg.flat(), "data.store_path": str(store),
+                                "data.train_clips": stats["counts"]["train"], "data.mean": stats["mean"],
+                                "data.std": stats["std"]})
+            tracker.log_artifact(run_dir / "config.yaml")
+            tracker.log_artifact(Path(store) / "stats.json", "data")
+            tracker.log_artifact(plot_mask_examples(cfg.mask, grid, run_dir / "masks.png"))
+            (run_dir / RUN_FILE).write_text(json.dumps({"name": name, "store": str(store), "mlflow_run_id": run_id,
+                                                        "tracking_uri": uri, "config": cfg.to_dict()}, indent=2))
+        print(f"pretraining {name}: {cfg.optim.steps} steps on {max(cfg.run.workers, 1)} worker(s), data {store}",
+              flush=True)
         init_ray()
+        progress = Queue(actor_options={"num_cpus": 0})  # rank 0's metrics at every log step, for the driver
         loop_config = {"config": cfg.to_dict(), "mean": stats["mean"], "std": stats["std"],
                        "fbank_shape": data.fbank_shape(stats["audio"]),
-                       "tracking_uri": uri, "mlflow_run_id": run_id,
+                       "tracking_uri": uri, "mlflow_run_id": run_id, "progress": progress,
                        "fault_marker": str(run_dir / "fault_injected"), "eval_store": eval_store}
         if os.environ.get(FAULT_ENV):
             loop_config["fault_at_step"] = int(os.environ[FAULT_ENV])
@@ -430,17 +435,61 @@ def run_pretrain(cfg: Config, *, store: str | Path | None = None, resume: str | 
                                  failure_config=FailureConfig(max_failures=cfg.run.max_failures)),
             datasets={"train": data.read_store(store, "train", columns=["fbank", "n_frames"]).random_shuffle()},
         )
-        result = trainer.fit()
-    except BaseException:
-        tracker.finish("FAILED")
-        raise
-    with result.checkpoint.as_directory() as folder:
-        state = load_checkpoint(Path(folder) / CHECKPOINT_FILE)
-    encoder = export_encoder(state, run_dir / ENCODER_FILE)
-    tracker.log_artifact(encoder)
-    tracker.finish("FINISHED")
+        with _ctrl_c_is_keyboard_interrupt(), _training_progress(progress, cfg.optim.steps):
+            result = trainer.fit()
+        with result.checkpoint.as_directory() as folder:
+            state = load_checkpoint(Path(folder) / CHECKPOINT_FILE)
+        encoder = export_encoder(state, run_dir / ENCODER_FILE)
+        tracker.log_artifact(encoder)
     return PretrainResult(run_dir, name, int(state["step"]), dict(result.metrics or {}),
-                          Path(result.checkpoint.path), encoder, run_id, uri)
+                          Path(result.checkpoint.path), encoder, run_id, uri, Path(store))
+
+
+@contextlib.contextmanager
+def _ctrl_c_is_keyboard_interrupt() -> Iterator[None]:
+    """Train V2's fit() installs a SIGINT handler that aborts the run and raises SystemExit, and leaves it
+    installed after fit() returns. Here a Ctrl-C stays a KeyboardInterrupt, during fit() and after it."""
+    main = threading.current_thread() is threading.main_thread()  # only there can handlers change
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        yield
+    except SystemExit as exc:  # only Train's SIGINT handler exits from inside fit()
+        raise KeyboardInterrupt from exc
+    finally:
+        if main:
+            signal.signal(signal.SIGINT, handler)
+
+
+@contextlib.contextmanager
+def _training_progress(queue: Any, total: int) -> Iterator[None]:
+    """Print what rank 0 puts on `queue` while the body (fit) runs: step, loss, lr, samples/s and ETA."""
+    from ajepa.progress import Progress, polling
+
+    bar = Progress("pretrain:", total, "steps", keep=True)
+    first: list[tuple[float, int]] = []  # (time, step) of the first report, for an ETA that spans epoch stalls
+
+    def poll() -> None:
+        for m in queue.get_nowait_batch(queue.qsize()):
+            now, step = time.monotonic(), int(m["step"])
+            first[:] = first or [(now, step)]
+            step_time = (now - first[0][0]) / (step - first[0][1]) if step > first[0][1] else m["step_time"]
+            bar.update(step, f"loss {m['loss']:.4f}, lr {m['lr']:.2e}, {m['samples_per_s']:.1f} samples/s"
+                       + _probe_text(m), eta_s=(total - step) * step_time)
+
+    try:
+        with polling(poll):
+            yield
+    finally:
+        bar.close()
+
+
+def _probe_text(m: dict[str, float]) -> str:
+    """The online probe's part of a progress line, when this log step ran it."""
+    metric = "map" if "probe/linear_map" in m else "acc"
+    if f"probe/linear_{metric}" not in m:
+        return ""
+    return (f", probe linear {100 * m[f'probe/linear_{metric}']:.1f}% knn {100 * m[f'probe/knn_{metric}']:.1f}% "
+            f"({m['probe/seconds']:.1f} s, {100 * m['probe/cost']:.1f}% of training time)")
 
 
 def export_encoder(state: dict[str, Any], path: Path) -> Path:
