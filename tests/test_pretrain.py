@@ -11,7 +11,9 @@ import mlflow
 import numpy as np
 import pytest
 import torch
+from ajepa import data
 from ajepa.config import ConfigError, load_config
+from ajepa.hear import load_model
 from ajepa.models.vit import VisionTransformer
 from ajepa.train import pretrain
 from ajepa.train.pretrain import CheckpointError, Pretrainer, export_encoder, load_checkpoint
@@ -133,7 +135,6 @@ def test_impossible_mask_is_rejected_before_ray_starts(tmp_path):
 @pytest.fixture(scope="module")
 def small_store(tmp_path_factory, ray_local):
     """128 real instrument clips (one note per program per family slot) in a store."""
-    from ajepa import data
     from ajepa.demo_data import build_demo_audio
 
     root = tmp_path_factory.mktemp("pretrain-data")
@@ -167,6 +168,10 @@ def test_killed_worker_is_restarted_and_the_run_completes(tmp_path, small_store,
     artifacts = {a.path for a in mlflow.MlflowClient(result.tracking_uri).list_artifacts(result.mlflow_run_id)}
     assert {"config.yaml", "masks.png", "encoder.safetensors", "data"} <= artifacts
     assert load_file(str(result.encoder))
+    # The export carries the store's statistics: the run folder is a HEAR model as it stands.
+    stats = data.read_stats(small_store)
+    model = load_model(result.run_dir)
+    assert (model.mean, model.std, model.window_frames) == (stats["mean"], stats["std"], 128)
 
 
 @pytest.mark.slow
