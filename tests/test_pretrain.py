@@ -1,5 +1,7 @@
 """Pretraining: the optimizer step without Ray (fast), then real Ray Train runs with faults and resume (slow)."""
 
+import dataclasses
+import json
 import os
 import re
 import signal
@@ -11,11 +13,14 @@ import mlflow
 import numpy as np
 import pytest
 import torch
+from ajepa import data
 from ajepa.config import ConfigError, load_config
+from ajepa.hear import load_model
 from ajepa.models.vit import VisionTransformer
 from ajepa.train import pretrain
 from ajepa.train.pretrain import CheckpointError, Pretrainer, export_encoder, load_checkpoint
 from conftest import run_in_terminal
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,13 +107,20 @@ def test_corrupt_and_foreign_checkpoints_give_clear_errors(tmp_path):
 
 
 def test_exported_encoder_loads_into_a_fresh_vit(tmp_path):
-    trainer = Pretrainer(micro_cfg(), -8.0, 4.0, torch.device("cpu"))
+    trainer = Pretrainer(micro_cfg("data.crop_frames=96"), -8.0, 4.0, torch.device("cpu"))
     trainer.train_step([fake_batch(0)])
-    path = export_encoder(trainer.state_dict(), tmp_path / "encoder.safetensors")
-    vit = VisionTransformer(trainer.cfg.model, 128, 128)
+    stats = {"audio": dataclasses.asdict(trainer.cfg.audio), "mean": -8.0, "std": 4.0, "counts": {"train": 8}}
+    path = export_encoder(trainer.state_dict(), tmp_path / "encoder.safetensors", stats)
+    vit = VisionTransformer(trainer.cfg.model, 128, 96)
     vit.load_state_dict(load_file(str(path)))
-    x = torch.randn(2, 128, 128)
+    x = torch.randn(2, 96, 128)
     torch.testing.assert_close(vit(x), trainer.model.target_encoder(x))
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata()
+    assert metadata["step"] == "1" and json.loads(metadata["config"])["embed_dim"] == 64
+    # What `ajepa.hear` needs to turn audio into this encoder's input, and nothing else of the store's stats.
+    assert json.loads(metadata["input"]) == {"audio": stats["audio"], "mean": -8.0, "std": 4.0, "crop_frames": 96,
+                                             "normalize": True}
 
 
 def test_impossible_mask_is_rejected_before_ray_starts(tmp_path):
@@ -126,7 +138,6 @@ def test_impossible_mask_is_rejected_before_ray_starts(tmp_path):
 @pytest.fixture(scope="module")
 def small_store(tmp_path_factory, ray_local):
     """128 real instrument clips (one note per program per family slot) in a store."""
-    from ajepa import data
     from ajepa.demo_data import build_demo_audio
 
     root = tmp_path_factory.mktemp("pretrain-data")
@@ -163,6 +174,10 @@ def test_killed_worker_is_restarted_and_the_run_completes(tmp_path, small_store,
     artifacts = {a.path for a in mlflow.MlflowClient(result.tracking_uri).list_artifacts(result.mlflow_run_id)}
     assert {"config.yaml", "masks.png", "encoder.safetensors", "data"} <= artifacts
     assert load_file(str(result.encoder))
+    # The export carries the store's statistics: the run folder is a HEAR model as it stands.
+    stats = data.read_stats(small_store)
+    model = load_model(result.run_dir)
+    assert (model.mean, model.std, model.window_frames) == (stats["mean"], stats["std"], 128)
 
 
 @pytest.mark.slow

@@ -439,7 +439,7 @@ def run_pretrain(cfg: Config, *, store: str | Path | None = None, resume: str | 
             result = trainer.fit()
         with result.checkpoint.as_directory() as folder:
             state = load_checkpoint(Path(folder) / CHECKPOINT_FILE)
-        encoder = export_encoder(state, run_dir / ENCODER_FILE)
+        encoder = export_encoder(state, run_dir / ENCODER_FILE, stats)
         tracker.log_artifact(encoder)
     return PretrainResult(run_dir, name, int(state["step"]), dict(result.metrics or {}),
                           Path(result.checkpoint.path), encoder, run_id, uri, Path(store))
@@ -492,12 +492,20 @@ def _probe_text(m: dict[str, float]) -> str:
             f"({m['probe/seconds']:.1f} s, {100 * m['probe/cost']:.1f}% of training time)")
 
 
-def export_encoder(state: dict[str, Any], path: Path) -> Path:
-    """The target (EMA) encoder's weights as safetensors: what fine-tuning and probes load."""
+def export_encoder(state: dict[str, Any], path: Path, stats: dict[str, Any]) -> Path:
+    """The target (EMA) encoder's weights as safetensors: what fine-tuning, probes and `ajepa.hear` load.
+
+    Metadata: `config` (the model config), `step`, and `input`: what turns audio into this encoder's input, so
+    the file stands alone: the store's audio settings and statistics (`stats`, as in its stats.json), the crop
+    the encoder was trained on and whether training normalised."""
     from safetensors.torch import save_file
 
     prefix = "target_encoder."
     weights = {k[len(prefix):]: v.contiguous() for k, v in state["model"].items() if k.startswith(prefix)}
-    save_file(weights, str(path), metadata={"config": json.dumps(state["config"]["model"]), "step": str(state["step"])})
+    data_cfg = state["config"]["data"]
+    spec = {"audio": stats["audio"], "mean": stats["mean"], "std": stats["std"],
+            "crop_frames": data_cfg["crop_frames"], "normalize": data_cfg["normalize"]}
+    save_file(weights, str(path), metadata={"config": json.dumps(state["config"]["model"]), "step": str(state["step"]),
+                                            "input": json.dumps(spec)})
     return path
 
