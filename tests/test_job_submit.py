@@ -46,7 +46,7 @@ def test_prepare_data_job_runs_on_a_submitted_cluster(tmp_path):
         address = f"http://127.0.0.1:{dashboard}"
         submit = [RAY, "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
                   "python", "jobs/prepare_data.py", "--input", str(src), "--out", str(tmp_path / "store")]
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + 180
         while True:  # the job server and its agent take a few seconds to come up (longer on a busy machine)
             done = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=300)
             not_up = any(m in done.stdout + done.stderr for m in ("Failed to connect", "No available agent"))

@@ -221,7 +221,9 @@ def pretrain_job(out: Path, store: Path, steps: int, *extra: str) -> list[str]:
 
 
 def progress_line(step: int, total: int) -> str:
-    return rf"pretrain: {step}/{total} steps, loss \d+\.\d{{4}}, lr \d\.\d\de-\d\d, \d+\.\d samples/s, ETA \w+"
+    # The online probe (tiny config: every 50 steps and at the last step) adds its result to its step's line.
+    probe = r"(, probe linear \d+\.\d% knn \d+\.\d% \(\d+\.\d s, \d+\.\d% of training time\))?"
+    return rf"pretrain: {step}/{total} steps, loss \d+\.\d{{4}}, lr \d\.\d\de-\d\d, \d+\.\d samples/s{probe}, ETA \w+"
 
 
 def run_status(out: Path) -> str:
@@ -258,7 +260,7 @@ def test_job_output_is_progress_and_a_summary_in_a_pipe_and_a_bar_on_a_terminal(
 
 @pytest.mark.slow
 def test_failure_after_fit_marks_the_run_failed(tmp_path, small_store, monkeypatch):
-    def broken_export(state, path):
+    def broken_export(state, path, stats):
         raise OSError("disk full")
 
     monkeypatch.setattr(pretrain, "export_encoder", broken_export)
@@ -282,3 +284,18 @@ def test_ctrl_c_marks_the_run_killed(tmp_path, small_store):
         proc.kill()
     assert proc.stderr.read().splitlines()[-1] == "interrupted"
     assert run_status(tmp_path) == "KILLED"
+
+
+@pytest.mark.slow
+def test_in_process_run_keeps_its_checkpoints_and_resumes_from_them(tmp_path, small_store):
+    """run.workers=0 (Ray Train's local mode) keeps no copy of reported checkpoints: ours are in the run folder."""
+    cfg = micro_cfg("run.workers=0", "run.torch_threads=1", "optim.steps=6", "run.log_every=2",
+                    "run.checkpoint_every=2", "eval.every=0", "run.name=inproc", f"run.out_dir={tmp_path}")
+    first = pretrain.run_pretrain(cfg, store=small_store)
+    assert first.step == 6 and first.checkpoint == tmp_path / "inproc" / "step_00000006"
+    assert [p.name for p in pretrain.local_checkpoints(tmp_path / "inproc")] == ["step_00000004", "step_00000006"]
+    assert load_file(str(first.encoder))
+    resumed = pretrain.run_pretrain(load_config(None, [f"run.out_dir={tmp_path}"]), resume="inproc",
+                                    overrides=["optim.steps=8"])
+    assert resumed.step == 8, "continued from step 6, not from 0"
+    assert [s for s, _ in metric_steps(resumed)] == [2, 4, 6, 8]

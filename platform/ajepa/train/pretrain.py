@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import tempfile
 import threading
@@ -35,6 +36,7 @@ from ajepa.train.inputs import HostBatch, MicroBatch, Prefetcher, plan_step
 CHECKPOINT_FILE = "pretrain.pt"
 RUN_FILE = "run.json"
 ENCODER_FILE = "encoder.safetensors"
+KEEP_CHECKPOINTS = 2
 FAULT_ENV = "AJEPA_FAULT_AT_STEP"  # test hook: the last rank dies once at this step
 
 
@@ -225,9 +227,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         torch.set_num_threads(cfg.run.torch_threads or max(1, round(cfg.run.cpus_per_worker)))
     trainer = Pretrainer(cfg, config["mean"], config["std"], device, rank, world)
     checkpoint = ray.train.get_checkpoint()
+    local_run_dir = config["local_run_dir"]
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             trainer.load(Path(folder) / CHECKPOINT_FILE)
+    elif local_run_dir and (saved := local_checkpoints(Path(local_run_dir))):
+        trainer.load(saved[-1] / CHECKPOINT_FILE)
     tracker = Tracker.attach(config["tracking_uri"], config["mlflow_run_id"]) if rank == 0 else NullTracker()
     probe_set = ProbeSet.load(config["eval_store"], cfg.eval.max_clips) if cfg.eval.every and rank == 0 else None
     batches = _batches(ray.train.get_dataset_shard("train"), cfg.data.batch_size, tuple(config["fbank_shape"]),
@@ -262,7 +267,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if rank == 0:
             tracker.log_metrics(metrics, step)
             config["progress"].put(metrics)  # the driver prints it: workers' own output stays in Ray's logs
-        _report(trainer, metrics, save_now and rank == 0, step)
+        _report(trainer, metrics, save_now and rank == 0, step, local_run_dir)
         window_start, window_steps, window_data = time.perf_counter(), 0, 0.0
     steps.close()
 
@@ -274,17 +279,30 @@ def online_probe(trainer: Pretrainer, probe_set: ProbeSet) -> dict[str, float]:
     return probe(encoder, probe_set, cfg.data.crop_frames, cfg.eval, trainer.device)
 
 
-def _report(trainer: Pretrainer, metrics: dict[str, float], with_checkpoint: bool, step: int) -> None:
-    """Every rank calls report the same number of times (it is a collective); rank 0 attaches the state."""
+def _report(trainer: Pretrainer, metrics: dict[str, float], with_checkpoint: bool, step: int,
+            local_run_dir: str) -> None:
+    """Every rank calls report the same number of times (it is a collective); rank 0 attaches the state.
+
+    In local mode (run.workers=0) Ray Train keeps no copy of a reported checkpoint, so it is written straight
+    into the run folder, where Ray would have put it, and the newest two are kept, as Ray keeps them."""
     import ray.train
 
     with tempfile.TemporaryDirectory() as folder:
         checkpoint = None
         if with_checkpoint:
-            trainer.save(Path(folder) / CHECKPOINT_FILE)
-            checkpoint = ray.train.Checkpoint.from_directory(folder)
+            where = Path(local_run_dir) / f"step_{step:08d}" if local_run_dir else Path(folder)
+            where.mkdir(exist_ok=True)
+            trainer.save(where / CHECKPOINT_FILE)
+            checkpoint = ray.train.Checkpoint.from_directory(str(where))
+            for old in local_checkpoints(Path(local_run_dir))[:-KEEP_CHECKPOINTS] if local_run_dir else []:
+                shutil.rmtree(old)
         ray.train.report(metrics, checkpoint=checkpoint,
                          checkpoint_dir_name=f"step_{step:08d}" if checkpoint is not None else None)
+
+
+def local_checkpoints(run_dir: Path) -> list[Path]:
+    """A run folder's checkpoint folders, oldest first."""
+    return sorted(p.parent for p in run_dir.glob(f"step_*/{CHECKPOINT_FILE}"))
 
 
 # -------------------------------------------------------------------------------------------- driver
@@ -420,7 +438,8 @@ def run_pretrain(cfg: Config, *, store: str | Path | None = None, resume: str | 
         loop_config = {"config": cfg.to_dict(), "mean": stats["mean"], "std": stats["std"],
                        "fbank_shape": data.fbank_shape(stats["audio"]),
                        "tracking_uri": uri, "mlflow_run_id": run_id, "progress": progress,
-                       "fault_marker": str(run_dir / "fault_injected"), "eval_store": eval_store}
+                       "fault_marker": str(run_dir / "fault_injected"), "eval_store": eval_store,
+                       "local_run_dir": str(run_dir) if cfg.run.workers == 0 else ""}
         if os.environ.get(FAULT_ENV):
             loop_config["fault_at_step"] = int(os.environ[FAULT_ENV])
         use_gpu = cfg.run.gpus_per_worker > 0
@@ -431,7 +450,7 @@ def run_pretrain(cfg: Config, *, store: str | Path | None = None, resume: str | 
             scaling_config=ScalingConfig(num_workers=cfg.run.workers, use_gpu=use_gpu,
                                          resources_per_worker=resources if cfg.run.workers else None),
             run_config=RunConfig(name=name, storage_path=str(out),
-                                 checkpoint_config=CheckpointConfig(num_to_keep=2),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS),
                                  failure_config=FailureConfig(max_failures=cfg.run.max_failures)),
             datasets={"train": data.read_store(store, "train", columns=["fbank", "n_frames"]).random_shuffle()},
         )
