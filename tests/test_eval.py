@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from ajepa import data
 from ajepa.config import ConfigError, load_config
 from ajepa.data import StoreArrays
 from ajepa.eval import (
@@ -23,7 +24,7 @@ from ajepa.eval import (
     run_evaluate,
 )
 from ajepa.models.vit import VisionTransformer
-from ajepa.train.pretrain import Pretrainer
+from ajepa.train.pretrain import Pretrainer, export_encoder
 from conftest import tone
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -151,6 +152,12 @@ def test_checkpoints_load_as_trained_and_bad_ones_are_named(tmp_path, stores):
         expected = getattr(trainer.model, f"{which}_encoder").state_dict()
         assert all(torch.equal(v, expected[k]) for k, v in loaded.encoder.state_dict().items())
         assert loaded.step == 1 and loaded.crop_frames == 128
+    export = export_encoder(trainer.state_dict(), tmp_path / "encoder.safetensors", data.read_stats(stores[0]))
+    exported = load_encoder(str(export), tmp_path, "target")
+    assert all(torch.equal(v, trainer.model.target_encoder.state_dict()[k])
+               for k, v in exported.encoder.state_dict().items())
+    with pytest.raises(EvalError, match="an exported encoder is the target encoder"):
+        load_encoder(str(export), tmp_path, "context")
     with pytest.raises(EvalError, match="--checkpoint nowhere: no pretraining run or checkpoint there"):
         load_encoder("nowhere", tmp_path, "target")
     garbage = tmp_path / "garbage.pt"

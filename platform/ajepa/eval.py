@@ -280,12 +280,14 @@ def random_encoder(cfg: Config) -> LoadedEncoder:
 
 
 def load_encoder(checkpoint: str, out: Path, which: str) -> LoadedEncoder:
-    """A pretraining run (its name under `out`, or its folder: the newest checkpoint) or a `pretrain.pt`
-    checkpoint (or its step folder). Checkpoints carry the whole config, so the encoder is rebuilt at the
-    size and input length it was trained with."""
+    """A pretraining run (its name under `out`, or its folder: the newest checkpoint), a `pretrain.pt`
+    checkpoint (or its step folder), or an exported `encoder.safetensors` (the target encoder only). Each
+    carries its config, so the encoder is rebuilt at the size and input length it was trained with."""
     from ajepa.train.pretrain import CHECKPOINT_FILE, RUN_FILE, load_checkpoint
 
     path = Path(checkpoint)
+    if path.suffix == ".safetensors" and path.is_file():
+        return _load_export(path, which)
     run_dir = None
     if not path.exists() and (out / checkpoint / RUN_FILE).exists():
         path = out / checkpoint
@@ -369,3 +371,16 @@ def run_evaluate(cfg: Config, checkpoint: str, store: str | Path | None = None) 
         raise
     tracker.finish("FINISHED")
     return EvaluateResult(metrics, table, results, tracker.run_id, uri)
+
+
+def _load_export(path: Path, which: str) -> LoadedEncoder:
+    from ajepa.hear import HearError, load_model
+
+    if which != "target":
+        raise EvalError(f"{path}: an exported encoder is the target encoder; eval.encoder={which} needs a "
+                        "pretrain.pt checkpoint")
+    try:
+        model = load_model(path)
+    except HearError as exc:
+        raise EvalError(str(exc)) from None
+    return LoadedEncoder(model.encoder, model.window_frames, f"{path} (exported target encoder)", 0, None)
