@@ -38,8 +38,12 @@ def test_prepare_data_job_runs_on_a_submitted_cluster(tmp_path):
            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     token = subprocess.run([RAY, "get-auth-token", "--generate"], env=env, capture_output=True, text=True, check=True)
     assert (tmp_path / "home" / ".ray" / "auth_token").read_text().strip() == token.stdout.strip() != ""
+    # Every port on free ones: the suite's own local cluster holds the default agent ports, and a second
+    # node agent on a taken port never registers ("No available agent to submit job").
+    ports = [f"--{name}={free_port()}" for name in ("port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                                     "runtime-env-agent-port", "metrics-export-port")]
     head = subprocess.Popen(
-        [RAY, "start", "--head", "--block", "--num-cpus=2", "--disable-usage-stats", f"--port={free_port()}",
+        [RAY, "start", "--head", "--block", "--num-cpus=2", "--disable-usage-stats", *ports,
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--include-dashboard=true"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
