@@ -139,15 +139,15 @@ def _standardise(fit: Tensor, *others: Tensor) -> list[Tensor]:
     return [(x - mu) / sd for x in (fit, *others)]
 
 
-def fit_logistic(x: Tensor, labels: Labels, l2: float, max_iter: int = 200) -> tuple[Tensor, Tensor]:
+def fit_logistic(x: Tensor, labels: Labels, l2: float, max_iter: int = 100) -> tuple[Tensor, Tensor]:
     """Weights (D, C) and bias (C,) minimising the mean log loss + l2/2 · |W|², by full-batch L-BFGS."""
-    x = x.double()
+    x = x.float()
     n_classes = len(labels.classes)
-    w = torch.zeros(x.shape[1], n_classes, dtype=torch.float64, requires_grad=True)
-    b = torch.zeros(n_classes, dtype=torch.float64, requires_grad=True)
-    y = labels.targets.double() if labels.multi_label else labels.targets
+    w = torch.zeros(x.shape[1], n_classes, requires_grad=True)
+    b = torch.zeros(n_classes, requires_grad=True)
+    y = labels.targets.float() if labels.multi_label else labels.targets
     loss_fn = F.binary_cross_entropy_with_logits if labels.multi_label else F.cross_entropy
-    optimizer = torch.optim.LBFGS([w, b], max_iter=max_iter, tolerance_grad=1e-9, line_search_fn="strong_wolfe")
+    optimizer = torch.optim.LBFGS([w, b], max_iter=max_iter, tolerance_grad=1e-6, line_search_fn="strong_wolfe")
 
     def closure() -> Tensor:
         optimizer.zero_grad()
@@ -157,7 +157,7 @@ def fit_logistic(x: Tensor, labels: Labels, l2: float, max_iter: int = 200) -> t
 
     with torch.enable_grad():
         optimizer.step(closure)
-    return w.detach().float(), b.detach().float()
+    return w.detach(), b.detach()
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from pathlib import Path
 import ajepa
 
 VERBOSE_ENV = "AJEPA_VERBOSE"
+STARTUP_CONCURRENCY = 8
 
 
 def package_dir() -> str:
@@ -46,7 +47,13 @@ def init_ray(num_cpus: int | None = None) -> None:
     else:
         # "local", not None: None would join any cluster `ray start` left on this machine (even a dead one).
         # The dashboard serves the State API, which Train V2's placement-group cleaner polls every second.
+        # Train V2 (controller, placement-group cleaner, workers), Ray Data (split coordinator, tasks) and our
+        # progress queue start 8 or more Python processes, nearly all idle and CPU-free; the raylet expects
+        # at most 4x `worker_maximum_startup_concurrency` (default: the CPU count, 2 on a laptop-sized
+        # node) and warns mid-run otherwise. Sized for what these jobs really start.
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                 _system_config={"worker_maximum_startup_concurrency": max(num_cpus or os.cpu_count() or 1,
+                                                                           STARTUP_CONCURRENCY)},
                  **kwargs)
     ray.data.DataContext.get_current().enable_progress_bars = False  # jobs draw their own (progress.py)
 
