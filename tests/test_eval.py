@@ -104,6 +104,9 @@ def test_embedding_pools_real_frames_only_and_ignores_the_batch():
     with torch.no_grad():
         tokens = encoder((torch.from_numpy(fbank[1:2].astype(np.float32)) + 6.0) / 6.0)  # normalise: (x-m)/(2s)
     torch.testing.assert_close(together[1], tokens[0, :3 * 8].mean(0))  # 40 frames touch 3 time patches of 16
+    raw = embed(encoder, arrays, 128, -6.0, 3.0, 3, torch.device("cpu"), normalize_input=False)
+    with torch.no_grad():  # an encoder trained on unnormalised input is probed on unnormalised input
+        torch.testing.assert_close(raw[1], encoder(torch.from_numpy(fbank[1:2].astype(np.float32)))[0, :24].mean(0))
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +154,7 @@ def test_checkpoints_load_as_trained_and_bad_ones_are_named(tmp_path, stores):
         loaded = load_encoder(str(tmp_path / "step_00000001"), tmp_path, which)
         expected = getattr(trainer.model, f"{which}_encoder").state_dict()
         assert all(torch.equal(v, expected[k]) for k, v in loaded.encoder.state_dict().items())
-        assert loaded.step == 1 and loaded.crop_frames == 128
+        assert loaded.step == 1 and loaded.crop_frames == 128 and loaded.normalize_input
     export = export_encoder(trainer.state_dict(), tmp_path / "encoder.safetensors", data.read_stats(stores[0]))
     exported = load_encoder(str(export), tmp_path, "target")
     assert all(torch.equal(v, trainer.model.target_encoder.state_dict()[k])

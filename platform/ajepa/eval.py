@@ -85,9 +85,10 @@ def encode_labels(values: list[str], classes: list[str], multi_label: bool) -> L
 
 @torch.no_grad()
 def embed(encoder: VisionTransformer, arrays: StoreArrays, crop_frames: int, mean: float, std: float,
-          batch_size: int, device: torch.device) -> Tensor:
-    """(N, D) float32 clip embeddings: crop at 0 (pad if shorter), normalise, encode, mean-pool the tokens
-    of the time patches that hold real frames (padding would pull every short clip towards one point)."""
+          batch_size: int, device: torch.device, normalize_input: bool = True) -> Tensor:
+    """(N, D) float32 clip embeddings: crop at 0 (pad if shorter), normalise (as the encoder was trained:
+    `normalize_input`), encode, mean-pool the tokens of the time patches that hold real frames (padding would
+    pull every short clip towards one point)."""
     was_training = encoder.training
     encoder.eval()
     patch, grid_f = encoder.patch_embed.patch_size, encoder.grid_f
@@ -96,7 +97,8 @@ def embed(encoder: VisionTransformer, arrays: StoreArrays, crop_frames: int, mea
         fbank = torch.from_numpy(arrays.fbank[start:start + batch_size, :crop_frames].astype(np.float32))
         if fbank.shape[1] < crop_frames:
             fbank = F.pad(fbank, (0, 0, 0, crop_frames - fbank.shape[1]))
-        tokens = encoder(normalize(fbank.to(device), mean, std))  # (B, Tp * Fp, D)
+        x = fbank.to(device)
+        tokens = encoder(normalize(x, mean, std) if normalize_input else x)  # (B, Tp * Fp, D)
         real = torch.from_numpy(np.minimum(arrays.n_frames[start:start + batch_size], crop_frames))
         cols = ((real + patch - 1) // patch).clamp(min=1).to(device)  # time patches touching real frames
         keep = torch.arange(tokens.shape[1], device=device)[None, :] // grid_f < cols[:, None]
@@ -243,14 +245,14 @@ def _spread(n: int, at_most: int | None) -> list[int] | None:
 
 
 def probe(encoder: VisionTransformer, probe_set: ProbeSet, crop_frames: int, cfg: EvalConfig,
-          device: torch.device) -> dict[str, float]:
+          device: torch.device, normalize_input: bool = True) -> dict[str, float]:
     """`probe/linear_<metric>`, `probe/knn_<metric>`, the chosen L2 and the seconds it all took."""
     if probe_set.num_mel_bins != encoder.grid_f * encoder.patch_embed.patch_size:
         raise EvalError(f"{probe_set.store}: {probe_set.num_mel_bins} mel bins, the encoder takes "
                         f"{encoder.grid_f * encoder.patch_embed.patch_size}")
     start = time.perf_counter()
-    feats = {s: embed(encoder, a, crop_frames, probe_set.mean, probe_set.std, cfg.batch_size, device)
-             for s, a in probe_set.arrays.items()}
+    feats = {s: embed(encoder, a, crop_frames, probe_set.mean, probe_set.std, cfg.batch_size, device,
+                      normalize_input) for s, a in probe_set.arrays.items()}
     linear = linear_probe(feats, probe_set.labels)
     m = probe_set.metric
     return {f"probe/linear_{m}": linear.test, f"probe/knn_{m}": knn_probe(feats, probe_set.labels, cfg.knn_k),
@@ -264,6 +266,7 @@ def probe(encoder: VisionTransformer, probe_set: ProbeSet, crop_frames: int, cfg
 class LoadedEncoder:
     encoder: VisionTransformer
     crop_frames: int  # the input length the encoder was built (and trained) for
+    normalize_input: bool  # whether training normalised its input (data.normalize)
     source: str  # what was loaded, for the table and MLflow
     step: int
     run_dir: Path | None  # the pretraining run it came from, if any
@@ -276,7 +279,8 @@ def random_encoder(cfg: Config) -> LoadedEncoder:
     torch.manual_seed(cfg.run.seed)
     model = AJEPA(cfg.model, cfg.audio.num_mel_bins, max_frames=cfg.data.crop_frames)
     encoder = model.target_encoder if cfg.eval.encoder == "target" else model.context_encoder
-    return LoadedEncoder(encoder, cfg.data.crop_frames, f"random init (seed {cfg.run.seed})", 0, None)
+    return LoadedEncoder(encoder, cfg.data.crop_frames, cfg.data.normalize, f"random init (seed {cfg.run.seed})",
+                         0, None)
 
 
 def load_encoder(checkpoint: str, out: Path, which: str) -> LoadedEncoder:
@@ -310,7 +314,8 @@ def load_encoder(checkpoint: str, out: Path, which: str) -> LoadedEncoder:
     except RuntimeError as exc:
         raise EvalError(f"{path}: weights do not fit the encoder its config describes ({exc})") from None
     step = int(state["step"])
-    return LoadedEncoder(encoder, cfg.data.crop_frames, f"{path} ({which} encoder, step {step})", step, run_dir)
+    return LoadedEncoder(encoder, cfg.data.crop_frames, cfg.data.normalize, f"{path} ({which} encoder, step {step})",
+                         step, run_dir)
 
 
 # ----------------------------------------------------------------------------------------------- the job
@@ -358,7 +363,8 @@ def run_evaluate(cfg: Config, checkpoint: str, store: str | Path | None = None) 
         tracker.log_params({"checkpoint": loaded.source, "store": probe_set.store, "eval.encoder": cfg.eval.encoder,
                             "eval.knn_k": cfg.eval.knn_k, "classes": len(probe_set.labels["train"].classes),
                             **{f"clips.{s}": len(a) for s, a in probe_set.arrays.items()}})
-        metrics = probe(loaded.encoder.to(device), probe_set, loaded.crop_frames, cfg.eval, device)
+        metrics = probe(loaded.encoder.to(device), probe_set, loaded.crop_frames, cfg.eval, device,
+                        loaded.normalize_input)
         tracker.log_metrics(metrics, loaded.step)
         table = format_table(loaded, probe_set, metrics, cfg.eval.knn_k)
         results = out / name / "results.json"
@@ -383,4 +389,5 @@ def _load_export(path: Path, which: str) -> LoadedEncoder:
         model = load_model(path)
     except HearError as exc:
         raise EvalError(str(exc)) from None
-    return LoadedEncoder(model.encoder, model.window_frames, f"{path} (exported target encoder)", 0, None)
+    return LoadedEncoder(model.encoder, model.window_frames, model.normalize_input,
+                         f"{path} (exported target encoder)", 0, None)

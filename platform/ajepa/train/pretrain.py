@@ -276,7 +276,7 @@ def online_probe(trainer: Pretrainer, probe_set: ProbeSet) -> dict[str, float]:
     """The frozen-encoder probe of eval.py on the encoder being trained, at its current step."""
     cfg = trainer.cfg
     encoder = trainer.model.target_encoder if cfg.eval.encoder == "target" else trainer.model.context_encoder
-    return probe(encoder, probe_set, cfg.data.crop_frames, cfg.eval, trainer.device)
+    return probe(encoder, probe_set, cfg.data.crop_frames, cfg.eval, trainer.device, cfg.data.normalize)
 
 
 def _report(trainer: Pretrainer, metrics: dict[str, float], with_checkpoint: bool, step: int,
