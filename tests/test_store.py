@@ -107,6 +107,10 @@ def test_manifest_keeps_splits_labels_and_extra_columns(ray_local, tmp_path):
     assert failures(tmp_path / "store")[str(tmp_path / "missing.wav")].startswith("unreadable: No such file")
     val = data.load_store(tmp_path / "store", split="val")
     assert sorted(val.extra["pitch"]) == ["61", "64"] and set(val.extra["split"]) == {"val"}
+    everything = data.load_store(tmp_path / "store")  # rows index the splits as listed, read alone
+    picked = data.load_store(tmp_path / "store", rows=[1, 4])
+    assert picked.ids == [everything.ids[1], everything.ids[4]]
+    assert np.array_equal(picked.fbank, everything.fbank[[1, 4]])
     assert data.read_store(tmp_path / "store", split="test").count() == 2
 
 

@@ -403,11 +403,20 @@ class StoreArrays:
         return len(self.ids)
 
 
-def _split_table(store: Path, split: str | None, columns: list[str] | None = None) -> pa.Table:
-    tables = []
+def _split_table(store: Path, split: str | None, columns: list[str] | None = None,
+                 rows: list[int] | None = None) -> pa.Table:
+    """A split (None: all) as one table; with `rows` (indices into it), only those rows are read from disk."""
+    tables, offset = [], 0
     for path in _split_dirs(store, split):
         files = sorted(str(f) for f in Path(path).glob("*.parquet"))
-        table = pads.dataset(files, format="parquet").to_table(columns=columns)
+        dataset = pads.dataset(files, format="parquet")
+        if rows is None:
+            table = dataset.to_table(columns=columns)
+        else:
+            n = dataset.count_rows()
+            local = [r - offset for r in rows if offset <= r < offset + n]
+            table = dataset.take(pa.array(local, type=pa.int64()), columns=columns)
+            offset += n
         tables.append(table.append_column("split", pa.array([path.rsplit("=", 1)[1]] * table.num_rows)))
     if not tables or not sum(t.num_rows for t in tables):
         raise StoreError(f"{store}: has no rows in split {split!r}")
@@ -421,12 +430,10 @@ def read_labels(store: str | Path, split: str | None = None) -> list[str]:
 
 def load_store(store: str | Path, split: str | None = None, rows: list[int] | None = None) -> StoreArrays:
     """Read a split (None: all), or the given rows of it, into memory with pyarrow, no Ray: for the small
-    sets probes and tests use. Only the rows asked for are decoded."""
+    sets probes and tests use. Only the rows asked for are read."""
     store = Path(store)
     audio = read_stats(store)["audio"]
-    table = _split_table(store, split)
-    if rows is not None:
-        table = table.take(pa.array(rows, type=pa.int64()))
+    table = _split_table(store, split, rows=rows)
     fbank = decode_fbank(table.column("fbank").to_pylist(), fbank_shape(audio))
     skip = {"id", "label", "fbank", "n_frames", "frame_sum", "frame_sumsq", "reason"}
     extra = {c: table.column(c).to_pylist() for c in table.column_names if c not in skip}
