@@ -99,3 +99,23 @@ def run_in_terminal(cmd: list[str], env: dict[str, str], timeout: float) -> tupl
         if proc.poll() is None:
             proc.kill()
     return proc.wait(timeout=60), out.decode(errors="replace").replace("\r\n", "\n")
+
+
+# A model small enough for many CPU steps a test: the tiny config, narrower and shallower.
+MICRO = ["model.embed_dim=64", "model.depth=2", "model.num_heads=2", "model.pred_dim=32", "model.pred_depth=1",
+         "model.pred_heads=2", "data.batch_size=8", "optim.steps=40", "optim.lr=1e-3"]
+
+
+def micro_cfg(*extra: str):
+    from ajepa.config import load_config
+
+    return load_config(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml", [*MICRO, *extra])
+
+
+def fake_batch(seed: int, batch: int = 8):
+    """A host batch as the store hands it over: (fbank (B, 128, 128) float16, n_frames (B,) of 98 real frames)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    fbank = (torch.randn(batch, 128, 128, generator=g) * 4 - 8).half()
+    return fbank, torch.full((batch,), 98, dtype=torch.long)

@@ -25,12 +25,9 @@ from ajepa.eval import (
 )
 from ajepa.models.vit import VisionTransformer
 from ajepa.train.pretrain import Pretrainer, export_encoder
-from conftest import tone
+from conftest import micro_cfg, tone
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["model.embed_dim=64", "model.depth=2", "model.num_heads=2", "model.pred_dim=32", "model.pred_depth=1",
-        "model.pred_heads=2", "data.batch_size=4"]
-
 
 def clusters(n_per_class: int, classes: int, seed: int, spread: float) -> tuple[torch.Tensor, list[str]]:
     """Gaussian blobs in 16-D, one per class, `spread` wide around well-separated centres."""
@@ -92,7 +89,7 @@ def test_label_checks_name_the_store_and_split():
 
 
 def test_embedding_pools_real_frames_only_and_ignores_the_batch():
-    cfg = load_config(ROOT / "configs" / "tiny.yaml", TINY)
+    cfg = micro_cfg("data.batch_size=4")
     torch.manual_seed(0)
     encoder = VisionTransformer(cfg.model, 128, 128)
     rng = np.random.default_rng(0)
@@ -131,7 +128,7 @@ def stores(tmp_path_factory, ray_local):
 
 def test_evaluate_job_scores_a_known_task_and_logs_to_mlflow(tmp_path, stores):
     labelled, unlabelled = stores
-    cfg = load_config(ROOT / "configs" / "tiny.yaml", [*TINY, f"run.out_dir={tmp_path}"])
+    cfg = micro_cfg("data.batch_size=4", f"run.out_dir={tmp_path}")
     result = run_evaluate(cfg, "random", labelled)
     # Low against high tones: even random features separate them.
     assert result.metrics["probe/linear_acc"] == 1.0 and result.metrics["probe/knn_acc"] == 1.0
@@ -145,7 +142,7 @@ def test_evaluate_job_scores_a_known_task_and_logs_to_mlflow(tmp_path, stores):
 
 
 def test_checkpoints_load_as_trained_and_bad_ones_are_named(tmp_path, stores):
-    cfg = load_config(ROOT / "configs" / "tiny.yaml", TINY)
+    cfg = micro_cfg("data.batch_size=4")
     trainer = Pretrainer(cfg, -8.0, 4.0, torch.device("cpu"))
     trainer.train_step([(torch.randn(4, 128, 128).half(), torch.full((4,), 98))])
     (tmp_path / "step_00000001").mkdir()
@@ -173,7 +170,7 @@ def test_online_probe_needs_a_labelled_store_before_ray_starts(tmp_path, stores)
     from ajepa.train import pretrain
 
     labelled, unlabelled = stores
-    cfg = load_config(ROOT / "configs" / "tiny.yaml", [*TINY, "eval.every=2", f"run.out_dir={tmp_path}"])
+    cfg = micro_cfg("data.batch_size=4", "eval.every=2", f"run.out_dir={tmp_path}")
     with pytest.raises(ConfigError, match=f"eval.every=2: {unlabelled}: the train split has no labels"):
         pretrain.run_pretrain(cfg, store=unlabelled)
     assert not list(tmp_path.iterdir()), "nothing is written before the check"

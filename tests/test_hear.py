@@ -10,9 +10,8 @@ from ajepa.audio import fbank, normalize, pad_or_crop
 from ajepa.hear import HearError, get_scene_embeddings, get_timestamp_embeddings, load_model
 from ajepa.models.vit import VisionTransformer
 from ajepa.train.pretrain import ENCODER_FILE, Pretrainer, export_encoder
-from conftest import tone
+from conftest import fake_batch, micro_cfg, tone
 from safetensors.torch import load_file, save_file
-from test_pretrain import fake_batch, micro_cfg
 
 RATE = 16000
 MEAN, STD = -7.0, 3.5

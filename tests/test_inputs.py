@@ -2,28 +2,15 @@
 
 import math
 import threading
-from pathlib import Path
 
 import pytest
 import torch
 from ajepa.audio import apply_augmentation, draw_augmentation
-from ajepa.config import load_config
 from ajepa.train.inputs import Prefetcher, plan_step
 from ajepa.train.pretrain import Pretrainer, patch_grid
+from conftest import fake_batch, micro_cfg
 
-ROOT = Path(__file__).resolve().parents[1]
-MICRO = ["model.embed_dim=64", "model.depth=2", "model.num_heads=2", "model.pred_dim=32", "model.pred_depth=1",
-         "model.pred_heads=2", "data.batch_size=8", "optim.steps=40"]
 CPU = torch.device("cpu")
-
-
-def micro_cfg(*extra):
-    return load_config(ROOT / "configs" / "tiny.yaml", [*MICRO, *extra])
-
-
-def host_batch(seed: int, batch: int = 8, frames: int = 128, n_frames: int = 98):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(batch, frames, 128, generator=g) * 4 - 8).half(), torch.full((batch,), n_frames)
 
 
 # ------------------------------------------------------------------------------------------ augmentation
@@ -74,7 +61,7 @@ def test_augmentation_draws_follow_the_generator():
 def test_plan_is_a_pure_function_of_step_rank_and_data():
     cfg = micro_cfg("optim.grad_accum=2")
     grid = patch_grid(cfg)
-    data = [host_batch(0), host_batch(1)]
+    data = [fake_batch(0), fake_batch(1)]
     one, again = plan_step(cfg, grid, 0, 5, data), plan_step(cfg, grid, 0, 5, data)
     for x, y in zip(one, again, strict=True):
         assert all(torch.equal(s, t) for s, t in zip(x.tensors(), y.tensors(), strict=True))
@@ -88,7 +75,7 @@ def test_plan_is_a_pure_function_of_step_rank_and_data():
 
 def test_train_step_refuses_micro_batches_of_another_step():
     trainer = Pretrainer(micro_cfg(), -8.0, 4.0, CPU)
-    planned = trainer.plan(3, [host_batch(0)])
+    planned = trainer.plan(3, [fake_batch(0)])
     with pytest.raises(ValueError, match="planned for step 3, trainer is at 0"):
         trainer.train_step(planned)
 
@@ -99,7 +86,7 @@ def test_train_step_refuses_micro_batches_of_another_step():
 def test_prefetcher_yields_each_step_planned_in_order_then_stops():
     cfg = micro_cfg("optim.grad_accum=2")
     grid = patch_grid(cfg)
-    data = [host_batch(i) for i in range(6)]
+    data = [fake_batch(i) for i in range(6)]
     with Prefetcher(lambda s, b: plan_step(cfg, grid, 0, s, b), iter(data), 2, 7, CPU) as stream:
         steps = list(stream)
         with pytest.raises(StopIteration):
@@ -113,7 +100,7 @@ def test_prefetcher_yields_each_step_planned_in_order_then_stops():
 
 def test_prefetcher_raises_the_data_error_at_the_step_that_needed_it():
     def batches():
-        yield host_batch(0)
+        yield fake_batch(0)
         raise OSError("shard file vanished")
 
     cfg = micro_cfg()
@@ -125,7 +112,7 @@ def test_prefetcher_raises_the_data_error_at_the_step_that_needed_it():
 
 def test_prefetcher_close_stops_its_thread_on_an_endless_stream():
     cfg = micro_cfg()
-    endless = iter(lambda: host_batch(0), None)
+    endless = iter(lambda: fake_batch(0), None)
     stream = Prefetcher(lambda s, b: plan_step(cfg, patch_grid(cfg), 0, s, b), endless, 1, 0, CPU, depth=2)
     next(stream)
     stream.close()
@@ -133,7 +120,7 @@ def test_prefetcher_close_stops_its_thread_on_an_endless_stream():
 
 
 def test_training_through_the_prefetcher_is_bit_identical_to_planning_in_the_step():
-    batches = [host_batch(i) for i in range(5)]
+    batches = [fake_batch(i) for i in range(5)]
     direct = Pretrainer(micro_cfg(), -8.0, 4.0, CPU)
     for batch in batches:
         direct.train_step([batch])

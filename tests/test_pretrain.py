@@ -19,25 +19,11 @@ from ajepa.hear import load_model
 from ajepa.models.vit import VisionTransformer
 from ajepa.train import pretrain
 from ajepa.train.pretrain import CheckpointError, Pretrainer, export_encoder, load_checkpoint
-from conftest import run_in_terminal
+from conftest import MICRO, fake_batch, micro_cfg, run_in_terminal
 from safetensors import safe_open
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
-MICRO = ["model.embed_dim=64", "model.depth=2", "model.num_heads=2", "model.pred_dim=32", "model.pred_depth=1",
-         "model.pred_heads=2", "data.batch_size=8", "optim.steps=40", "optim.lr=1e-3"]
-
-
-def micro_cfg(*extra):
-    return load_config(ROOT / "configs" / "tiny.yaml", [*MICRO, *extra])
-
-
-def fake_batch(seed: int, batch: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    fbank = (torch.randn(batch, 128, 128, generator=g) * 4 - 8).half()
-    return fbank, torch.full((batch,), 98, dtype=torch.long)
-
-
 def params(trainer: Pretrainer) -> torch.Tensor:
     return torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
 
