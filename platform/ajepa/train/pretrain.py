@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -37,6 +38,7 @@ CHECKPOINT_FILE = "pretrain.pt"
 RUN_FILE = "run.json"
 ENCODER_FILE = "encoder.safetensors"
 KEEP_CHECKPOINTS = 2
+logger = logging.getLogger(__name__)
 FAULT_ENV = "AJEPA_FAULT_AT_STEP"  # test hook: the last rank dies once at this step
 
 
@@ -226,13 +228,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if device.type == "cpu":
         torch.set_num_threads(cfg.run.torch_threads or max(1, round(cfg.run.cpus_per_worker)))
     trainer = Pretrainer(cfg, config["mean"], config["std"], device, rank, world)
-    checkpoint = ray.train.get_checkpoint()
     local_run_dir = config["local_run_dir"]
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            trainer.load(Path(folder) / CHECKPOINT_FILE)
-    elif local_run_dir and (saved := local_checkpoints(Path(local_run_dir))):
-        trainer.load(saved[-1] / CHECKPOINT_FILE)
+    restore(trainer, Path(config["run_dir"]), ray.train.get_checkpoint())
     tracker = Tracker.attach(config["tracking_uri"], config["mlflow_run_id"]) if rank == 0 else NullTracker()
     probe_set = ProbeSet.load(config["eval_store"], cfg.eval.max_clips) if cfg.eval.every and rank == 0 else None
     batches = _batches(ray.train.get_dataset_shard("train"), cfg.data.batch_size, tuple(config["fbank_shape"]),
@@ -298,6 +295,26 @@ def _report(trainer: Pretrainer, metrics: dict[str, float], with_checkpoint: boo
                 shutil.rmtree(old)
         ray.train.report(metrics, checkpoint=checkpoint,
                          checkpoint_dir_name=f"step_{step:08d}" if checkpoint is not None else None)
+
+
+def restore(trainer: Pretrainer, run_dir: Path, registered: Any) -> None:
+    """Load the newest complete checkpoint of the run, if any.
+
+    Ray Train restores only the checkpoints its controller has registered, and it registers a reported one
+    when it next polls the workers, every few seconds. On a GPU that is tens of steps: a worker that dies
+    between its report and the poll would restart the run from an older checkpoint, or from scratch,
+    although the newer one sits complete in the run folder. So the run folder comes first, newest first,
+    skipping one a dying worker left half-written; Ray's own is the fallback where the run folder is not on
+    this node's file system."""
+    for folder in reversed(local_checkpoints(run_dir)):
+        try:
+            trainer.load(folder / CHECKPOINT_FILE)
+            return
+        except CheckpointError as err:
+            logger.warning("skipping a checkpoint that cannot be read: %s", err)
+    if registered is not None:
+        with registered.as_directory() as folder:
+            trainer.load(Path(folder) / CHECKPOINT_FILE)
 
 
 def local_checkpoints(run_dir: Path) -> list[Path]:
@@ -439,7 +456,7 @@ def run_pretrain(cfg: Config, *, store: str | Path | None = None, resume: str | 
                        "fbank_shape": data.fbank_shape(stats["audio"]),
                        "tracking_uri": uri, "mlflow_run_id": run_id, "progress": progress,
                        "fault_marker": str(run_dir / "fault_injected"), "eval_store": eval_store,
-                       "local_run_dir": str(run_dir) if cfg.run.workers == 0 else ""}
+                       "run_dir": str(run_dir), "local_run_dir": str(run_dir) if cfg.run.workers == 0 else ""}
         if os.environ.get(FAULT_ENV):
             loop_config["fault_at_step"] = int(os.environ[FAULT_ENV])
         use_gpu = cfg.run.gpus_per_worker > 0
