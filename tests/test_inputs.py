@@ -26,11 +26,14 @@ def test_augmentation_is_a_rolled_crop_of_real_frames_plus_a_gain():
     for b in range(6):
         frames = aug.frames[b]
         start = int(frames.min())
-        shift = int((torch.arange(16) - (frames - start)).remainder(16)[0])
-        assert torch.equal(frames, start + (torch.arange(16) - shift) % 16), "not a cyclic roll of a crop"
+        real = min(int(n_frames[b]) - start, 16)  # real frames in the crop: the roll turns only these
+        shift = int((torch.arange(real) - (frames[:real] - start)).remainder(real)[0])
+        assert torch.equal(frames[:real], start + (torch.arange(real) - shift) % real), "not a roll of the crop"
+        assert torch.equal(frames[real:], start + torch.arange(real, 16)), "padding moved into the clip"
         assert 0 <= start <= max(int(n_frames[b]) - 16, 0), "the crop leaves the clip's real frames"
-        expected = torch.roll(spec[b, start:start + 16], shifts=shift, dims=0) + aug.gain[b]
-        torch.testing.assert_close(out[b], expected, rtol=0, atol=0)
+        expected = spec[b, start:start + 16].clone()
+        expected[:real] = torch.roll(expected[:real], shifts=shift, dims=0)
+        torch.testing.assert_close(out[b], expected + aug.gain[b], rtol=0, atol=0)
         starts.append(start)
         shifts.append(shift)
     assert starts[3] == 0  # shorter than the crop: from its first frame

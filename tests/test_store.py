@@ -63,15 +63,17 @@ def test_store_rows_equal_the_audio_pipeline_and_stats_are_exact(ray_local, tmp_
     src = make_folder(tmp_path / "in")
     summary = data.build_store(src, tmp_path / "store", CFG)
     arrays = data.load_store(tmp_path / "store")
-    real = []
-    for rel, fb, n in zip(arrays.extra["path"], arrays.fbank, arrays.n_frames, strict=True):
+    real = {}
+    for rel, split, fb, n in zip(arrays.extra["path"], arrays.extra["split"], arrays.fbank, arrays.n_frames,
+                                 strict=True):
         expected = spectrogram_from_bytes((src / rel).read_bytes(), CFG)
         assert n == expected.n_frames
         torch.testing.assert_close(torch.from_numpy(fb.astype(np.float32)), expected.fbank, rtol=2e-3, atol=2e-2)
-        real.append(expected.fbank[:n].double().numpy())
-    values = np.concatenate(real)
+        real.setdefault(split, []).append(expected.fbank[:n].double().numpy())
+    values = np.concatenate(real["train"])  # all three hash into train (a manifest test below splits them)
     assert summary.mean == pytest.approx(values.mean(), rel=1e-6)
     assert summary.std == pytest.approx(values.std(), rel=1e-6)
+    assert data.read_stats(tmp_path / "store")["stats_split"] == "train"
     assert sum(summary.counts.values()) == 3
     assert not list(tmp_path.glob(".store.tmp-*")), "staging folder left behind"
 
@@ -112,6 +114,12 @@ def test_manifest_keeps_splits_labels_and_extra_columns(ray_local, tmp_path):
     assert picked.ids == [everything.ids[1], everything.ids[4]]
     assert np.array_equal(picked.fbank, everything.fbank[[1, 4]])
     assert data.read_store(tmp_path / "store", split="test").count() == 2
+    # Normalisation statistics: the train split's real frames only.
+    frames = {i: spectrogram_from_bytes((audio / f"{i}.wav").read_bytes(), CFG) for i in range(6)}
+    values = {i: f.fbank[:f.n_frames].double().numpy() for i, f in frames.items()}
+    train = np.concatenate([values[0], values[3]])
+    assert summary.mean == pytest.approx(train.mean(), rel=1e-6) and summary.std == pytest.approx(train.std(), rel=1e-6)
+    assert abs(summary.mean - np.concatenate(list(values.values())).mean()) > 1e-3, "the test cannot tell them apart"
 
 
 def test_no_audio_and_missing_input_fail_before_ray_with_the_input_named(tmp_path, capsys):

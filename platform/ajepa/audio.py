@@ -121,18 +121,24 @@ class Augmentation:
 def draw_augmentation(n_frames: torch.Tensor, frames: int, crop: int, roll: bool, gain_db: float,
                       generator: torch.Generator) -> Augmentation:
     """Random crop within each clip's real frames (start 0 when it is shorter or the stored clip is shorter
-    than `crop`, which is then zero-padded), random cyclic roll of the crop, gain jitter of ±gain_db dB.
+    than `crop`, which is then zero-padded), random cyclic roll of the crop's real frames, gain jitter of
+    ±gain_db dB.
 
+    The roll turns only the real frames of a clip shorter than the crop, and its padding stays at the end (as
+    AudioMAE rolls before it pads): rolling the padded crop would put silence mid-clip, a seam that exists in
+    no real recording and that the probes, which see unrolled clips, never meet.
     A gain of g dB scales power by 10^(g/10), i.e. adds g·ln(10)/10 to the natural-log mel energies."""
     batch = n_frames.shape[0]
+    real = n_frames.clamp(max=frames)
     starts = torch.zeros(batch, dtype=torch.int64)
     if frames >= crop:
-        room = (n_frames.clamp(max=frames) - crop).clamp(min=0).to(torch.float64)
+        room = (real - crop).clamp(min=0).to(torch.float64)
         starts = (torch.rand(batch, generator=generator, dtype=torch.float64) * (room + 1)).floor().long()
     offsets = torch.arange(crop)[None, :].expand(batch, -1)
     if roll:
-        shifts = torch.randint(0, crop, (batch,), generator=generator)
-        offsets = (offsets - shifts[:, None]) % crop
+        length = (real - starts).clamp(min=1, max=crop)[:, None]  # real frames inside each crop
+        shifts = (torch.rand(batch, 1, generator=generator, dtype=torch.float64) * length).floor().long()
+        offsets = torch.where(offsets < length, (offsets - shifts) % length, offsets)
     gain = torch.zeros(batch)
     if gain_db > 0:
         gain = (torch.rand(batch, generator=generator) * 2 - 1) * gain_db * (np.log(10.0) / 10.0)

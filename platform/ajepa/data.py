@@ -5,7 +5,7 @@ Store layout (a folder on any filesystem the cluster shares):
     split=train/*.parquet   id, path, label, [extra manifest columns], fbank (T x F float16, raw bytes),
     split=val/*.parquet     n_frames, frame_sum, frame_sumsq (over real frames, for the stats)
     split=test/*.parquet
-    stats.json              audio config, mean/std over real frames, classes, counts per split, failures
+    stats.json              audio config, mean/std (train split's real frames), classes, counts per split, failures
     failures.csv            path,reason for every input that could not become a spectrogram
 
 The fbank column holds each spectrogram's raw float16 bytes; its shape is `audio.target_frames x
@@ -43,7 +43,7 @@ from ajepa.progress import Progress, polling
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".mp3", ".aiff", ".aif", ".au", ".w64", ".caf")
 SPLITS = ("train", "val", "test")
 MANIFEST_RESERVED = ("id", "fbank", "n_frames", "frame_sum", "frame_sumsq", "status", "reason")
-STORE_VERSION = 1
+STORE_VERSION = 2  # 2: mean/std from the train split only
 
 
 class StoreError(RuntimeError):
@@ -321,10 +321,16 @@ def _finalise(staging: Path, out: Path, cfg: AudioConfig, source: Path, overwrit
 
 def _stats(meta: pa.Table, cfg: AudioConfig, failed: int, source: Path) -> dict[str, Any]:
     cols = meta.to_pydict()
-    values = float(np.sum(cols["n_frames"], dtype=np.float64)) * cfg.num_mel_bins
-    total = float(np.sum(cols["frame_sum"]))
+    # Normalisation statistics come from the train split only (all clips when there is none): val and test
+    # stand for unseen data, and nothing about them may shape what the model is trained on.
+    in_stats = np.array([s == "train" for s in cols["split"]], dtype=bool)
+    if not in_stats.any():
+        in_stats[:] = True
+    values = float(np.sum(np.asarray(cols["n_frames"], dtype=np.float64)[in_stats])) * cfg.num_mel_bins
+    total = float(np.sum(np.asarray(cols["frame_sum"], dtype=np.float64)[in_stats]))
     mean = total / values
-    var = max(float(np.sum(cols["frame_sumsq"])) / values - mean * mean, 0.0)
+    var = max(float(np.sum(np.asarray(cols["frame_sumsq"], dtype=np.float64)[in_stats])) / values - mean * mean,
+              0.0)
     classes = sorted({lab for label in cols["label"] for lab in label.split(";") if lab})
     counts = {s: int(sum(1 for x in cols["split"] if x == s)) for s in SPLITS}
     return {
@@ -333,6 +339,7 @@ def _stats(meta: pa.Table, cfg: AudioConfig, failed: int, source: Path) -> dict[
         "audio": dataclasses.asdict(cfg),
         "mean": mean,
         "std": math.sqrt(var),
+        "stats_split": "train" if counts["train"] else "all",  # the clips mean and std come from
         "classes": classes,
         "counts": counts,
         "clips": meta.num_rows,
@@ -461,7 +468,8 @@ def demo_store(cfg: AudioConfig) -> tuple[Path, StoreSummary | None]:
 
     Returns the store and, when it was built now, its summary."""
     out = cache_dir() / f"demo-store-{cfg.target_frames}f"
-    if (out / "stats.json").exists() and read_stats(out).get("audio") == dataclasses.asdict(cfg):
+    if (out / "stats.json").exists() and read_stats(out).get("audio") == dataclasses.asdict(cfg) \
+            and read_stats(out).get("version") == STORE_VERSION:
         return out, None
     summary = build_store(demo_manifest(), out, cfg, overwrite=True)
     return out, summary
