@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Debian packages the built-in demo dataset needs: fluidsynth + the General MIDI sound font (MIT).
+# Debian packages the built-in demo dataset needs: fluidsynth + the General MIDI sound font (MIT) for its
+# instrument notes, espeak-ng for its spoken words.
 # Installs them when running as root; otherwise says exactly what to run.
 set -euo pipefail
 missing=()
 command -v fluidsynth >/dev/null 2>&1 || missing+=(fluidsynth)
 [ -f /usr/share/sounds/sf2/FluidR3_GM.sf2 ] || missing+=(fluid-soundfont-gm)
+command -v espeak-ng >/dev/null 2>&1 || missing+=(espeak-ng)
 [ ${#missing[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "installing ${missing[*]} (demo dataset)"
@@ -13,6 +15,6 @@ if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
 else
     echo "The demo dataset needs: ${missing[*]}" >&2
     echo "  Debian/Ubuntu: sudo apt-get install -y ${missing[*]}" >&2
-    echo "  macOS (Homebrew): brew install fluid-synth, and a GM sound font at /usr/share/sounds/sf2/FluidR3_GM.sf2" >&2
+    echo "  macOS (Homebrew): brew install fluid-synth espeak-ng, and a GM sound font at /usr/share/sounds/sf2/FluidR3_GM.sf2" >&2
     exit 1
 fi

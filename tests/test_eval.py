@@ -20,6 +20,7 @@ from ajepa.eval import (
     label_sets,
     linear_probe,
     load_encoder,
+    load_probe_sets,
     mean_average_precision,
     run_evaluate,
 )
@@ -139,6 +140,35 @@ def test_evaluate_job_scores_a_known_task_and_logs_to_mlflow(tmp_path, stores):
     assert json.loads(result.results.read_text())["metrics"]["probe/knn_acc"] == 1.0
     with pytest.raises(EvalError, match="the train split has no labels"):
         run_evaluate(cfg, "random", unlabelled)
+
+
+def test_a_store_of_several_tasks_is_probed_task_by_task(tmp_path, ray_local):
+    from ajepa import data
+
+    rows = ["path,label,split,task"]
+    rng = np.random.default_rng(0)
+    for i in range(24):  # task pitch: low vs high tones; task kind: tone vs noise (every split of each)
+        split = ("train", "train", "val", "test")[i % 4]
+        sf.write(tmp_path / f"p{i}.wav", tone(1.0, 16000, freq=(150.0, 3000.0)[i % 2] * (1 + 0.02 * i)), 16000)
+        rows.append(f"p{i}.wav,{('low', 'high')[i % 2]},{split},pitch")
+        noise = i % 2 == 1
+        clip = 0.3 * rng.standard_normal(16000) if noise else tone(1.0, 16000, freq=500.0 + 20 * i)
+        sf.write(tmp_path / f"k{i}.wav", clip, 16000)
+        rows.append(f"k{i}.wav,{('tone', 'noise')[int(noise)]},{split},kind")
+    (tmp_path / "m.csv").write_text("\n".join(rows) + "\n")
+    store = data.build_store(tmp_path / "m.csv", tmp_path / "store",
+                             load_config(ROOT / "configs" / "tiny.yaml").audio).out
+    sets = load_probe_sets(store)
+    assert [(p.task, p.labels["train"].classes, len(p.arrays["test"])) for p in sets] == [
+        ("kind", ["noise", "tone"], 6), ("pitch", ["high", "low"], 6)], "each task has its own rows and classes"
+    result = run_evaluate(micro_cfg("data.batch_size=8", f"run.out_dir={tmp_path}"), "random", store)
+    m = result.metrics
+    assert m["probe/pitch/linear_acc"] == 1.0 and m["probe/kind/knn_acc"] == 1.0
+    assert m["probe/linear_acc"] == pytest.approx((m["probe/pitch/linear_acc"] + m["probe/kind/linear_acc"]) / 2)
+    assert "task kind: train 12, val 6, test 6; 2 classes" in result.table
+    capped = load_probe_sets(store, max_clips=3)[1].arrays  # at most 3 clips of each split, of this task only
+    assert [len(capped[s]) for s in ("train", "val", "test")] == [3, 3, 3]
+    assert set(capped["train"].extra["task"]) == {"pitch"} and set(capped["train"].labels) == {"low", "high"}
 
 
 def test_checkpoints_load_as_trained_and_bad_ones_are_named(tmp_path, stores):

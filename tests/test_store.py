@@ -179,11 +179,17 @@ def test_reading_a_folder_that_is_not_a_store_is_a_clear_error(tmp_path):
 def test_demo_store_is_built_from_nothing_then_cached(ray_local, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("AJEPA_CACHE", str(tmp_path / "cache"))
     assert cli.main(["prepare-data", "--input", "demo"]) == 0
-    assert "1280 clips written, 0 failed (train 960, val 160, test 160)" in capsys.readouterr().out
-    stats = data.read_stats(tmp_path / "cache" / "demo-store-128f")
-    assert len(stats["classes"]) == 16 and stats["audio"]["target_frames"] == 128
-    test_programs = set(data.load_store(tmp_path / "cache" / "demo-store-128f", split="test").extra["program"])
-    train_programs = set(data.load_store(tmp_path / "cache" / "demo-store-128f", split="train").extra["program"])
-    assert len(test_programs) == 16 and not test_programs & train_programs  # held-out instruments
+    # Two tasks: 1280 instrument notes (16 families) and 800 spoken digits (10 words from 80 speakers).
+    assert "2080 clips written, 0 failed (train 1520, val 280, test 280)" in capsys.readouterr().out
+    store = tmp_path / "cache" / "demo-store-128f"
+    stats = data.read_stats(store)
+    assert len(stats["classes"]) == 26 and stats["audio"]["target_frames"] == 128
+    held_out = {}
+    for task, key in (("instruments", "program"), ("words", "speaker")):
+        train, test = (data.load_store(store, split=s).extra for s in ("train", "test"))
+        seen = {s: {k for k, t in zip(e[key], e["task"], strict=True) if t == task} for s, e in (("train", train),
+                                                                                              ("test", test))}
+        held_out[task] = len(seen["test"]), bool(seen["test"] & seen["train"])
+    assert held_out == {"instruments": (16, False), "words": (12, False)}  # unseen instruments and speakers
     assert cli.main(["prepare-data", "--input", "demo"]) == 0
-    assert "demo store already built: 1280 clips, 16 classes" in capsys.readouterr().out
+    assert "demo store already built: 2080 clips, 26 classes" in capsys.readouterr().out

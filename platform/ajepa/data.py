@@ -430,9 +430,17 @@ def _split_table(store: Path, split: str | None, columns: list[str] | None = Non
     return pa.concat_tables(tables, promote_options="default")
 
 
-def read_labels(store: str | Path, split: str | None = None) -> list[str]:
-    """The label column of a split alone (cheap at any store size)."""
-    return _split_table(Path(store), split, columns=["label"]).column("label").to_pylist()
+def read_labels(store: str | Path, split: str | None = None, column: str = "label") -> list[str]:
+    """One column of a split alone, the labels by default (cheap at any store size)."""
+    return _split_table(Path(store), split, columns=[column]).column(column).to_pylist()
+
+
+def store_columns(store: str | Path) -> list[str]:
+    """The columns of a store's rows (the extra manifest columns among them), read from its schema only."""
+    first = next(Path(store).glob("split=*/*.parquet"), None)  # every file has every column
+    if first is None:
+        raise StoreError(f"{store}: no clips in any split")
+    return pq.read_schema(first).names
 
 
 def load_store(store: str | Path, split: str | None = None, rows: list[int] | None = None) -> StoreArrays:
@@ -455,12 +463,36 @@ def cache_dir() -> Path:
     return Path(os.environ.get("AJEPA_CACHE", "~/.cache/ajepa")).expanduser()
 
 
+DEMO_TASKS = ("instruments", "words")
+
+
 def demo_manifest() -> Path:
-    """The built-in demo audio (instrument notes), rendered once into the cache."""
-    from ajepa.demo_data import build_demo_audio, check_demo_tools
+    """The built-in demo audio, rendered once into the cache: two tasks in one manifest, told apart by its
+    `task` column. `instruments`: NSynth-style notes, 16 GM families, held-out instruments; `words`: spoken
+    digits from synthetic speakers, held-out speakers. Pretraining sees the union, as the method pretrains
+    on everything unlabelled; the probes score each task."""
+    from ajepa.demo_data import build_demo_audio, build_speech_audio, check_demo_tools, check_speech_tools
 
     check_demo_tools()
-    return build_demo_audio(cache_dir() / "demo-audio")
+    check_speech_tools()
+    root = cache_dir()
+    parts = dict(zip(DEMO_TASKS, (build_demo_audio(root / "demo-audio"), build_speech_audio(root / "demo-speech")),
+                     strict=True))
+    rows = []
+    for task, manifest in parts.items():
+        with manifest.open(newline="") as fh:
+            rows += [{**row, "path": (manifest.parent / row["path"]).relative_to(root).as_posix(), "task": task}
+                     for row in csv.DictReader(fh)]
+    columns = ["path", "label", "split", "task"]
+    columns += sorted({key for row in rows for key in row} - set(columns))
+    union = root / "demo-manifest.csv"
+    staging = union.with_suffix(f".{uuid.uuid4().hex[:8]}.tmp")  # concurrent first runs must not interleave
+    with staging.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns, restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+    staging.replace(union)
+    return union
 
 
 def demo_store(cfg: AudioConfig) -> tuple[Path, StoreSummary | None]:

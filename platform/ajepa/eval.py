@@ -204,11 +204,15 @@ def _concat_labels(a: Labels, b: Labels) -> Labels:
 # ------------------------------------------------------------------------------------------ the protocol
 
 
+TASK_COLUMN = "task"  # a store whose rows carry it holds several tasks, each probed on its own
+
+
 @dataclass(frozen=True)
 class ProbeSet:
-    """The labelled splits of a store, in memory, with what embedding them needs."""
+    """The labelled splits of one task of a store, in memory, with what embedding them needs."""
 
     store: str
+    task: str  # "" when the store is one task
     arrays: dict[str, StoreArrays]
     labels: dict[str, Labels]
     mean: float
@@ -220,43 +224,75 @@ class ProbeSet:
         return "map" if self.labels["train"].multi_label else "acc"
 
     @classmethod
-    def load(cls, store: str | Path, max_clips: int | None = None) -> ProbeSet:
-        """The store's labelled splits; with `max_clips`, that many clips of each split, evenly spaced through
-        it (a fixed set that spans the store's listing order, and so its classes). Labels are checked on the
-        whole store first."""
+    def load(cls, store: str | Path, max_clips: int | None = None, task: str = "") -> ProbeSet:
+        """The store's labelled splits (the rows of `task` only, when given); with `max_clips`, that many clips
+        of each split, evenly spaced through it (a fixed set that spans the store's listing order, and so its
+        classes). Labels are checked on the whole split first."""
         from ajepa.data import StoreError, load_store, read_labels, read_stats
 
         stats = read_stats(store)
+        where = f"{store} (task {task})" if task else str(store)
         try:
-            full = {split: read_labels(store, split) for split in SPLITS}
+            every = {split: read_labels(store, split) for split in SPLITS}
+            tasks = {split: read_labels(store, split, TASK_COLUMN) if task else None for split in SPLITS}
         except StoreError as exc:
             raise EvalError(f"{exc}; a probe needs train, val and test clips") from None
-        classes, multi = label_sets(full, str(store))
-        arrays = {split: load_store(store, split, rows=_spread(len(labels), max_clips))
-                  for split, labels in full.items()}
+        rows = {split: [i for i, t in enumerate(tasks[split]) if t == task] if task else list(range(len(labels)))
+                for split, labels in every.items()}
+        full = {split: [every[split][i] for i in r] for split, r in rows.items()}
+        if not all(full.values()):
+            empty = ", ".join(s for s, labels in full.items() if not labels)
+            raise EvalError(f"{where}: no {empty} clips; a probe needs train, val and test clips")
+        classes, multi = label_sets(full, where)
+        picked = {split: _spread(r, max_clips) for split, r in rows.items()}
+        arrays = {split: load_store(store, split, rows=None if len(r) == len(every[split]) else r)
+                  for split, r in picked.items()}
         labels = {s: encode_labels(a.labels, classes, multi) for s, a in arrays.items()}
-        return cls(str(store), arrays, labels, stats["mean"], stats["std"], stats["audio"]["num_mel_bins"])
+        return cls(str(store), task, arrays, labels, stats["mean"], stats["std"], stats["audio"]["num_mel_bins"])
 
 
-def _spread(n: int, at_most: int | None) -> list[int] | None:
-    if at_most is None or n <= at_most:
-        return None
-    return np.unique(np.linspace(0, n - 1, at_most).round().astype(np.int64)).tolist()
+def load_probe_sets(store: str | Path, max_clips: int | None = None) -> list[ProbeSet]:
+    """One ProbeSet per task of the store (by its `task` column), or one for the whole store."""
+    from ajepa.data import read_labels, store_columns
+
+    if TASK_COLUMN not in store_columns(store):
+        return [ProbeSet.load(store, max_clips)]
+    tasks = sorted(set(read_labels(store, None, TASK_COLUMN)))
+    return [ProbeSet.load(store, max_clips, task) for task in tasks]
 
 
-def probe(encoder: VisionTransformer, probe_set: ProbeSet, crop_frames: int, cfg: EvalConfig,
+def _spread(rows: list[int], at_most: int | None) -> list[int]:
+    """At most `at_most` of `rows`, evenly spaced through them."""
+    if at_most is not None and len(rows) > at_most:
+        rows = [rows[i] for i in np.unique(np.linspace(0, len(rows) - 1, at_most).round().astype(np.int64))]
+    return rows
+
+
+def probe(encoder: VisionTransformer, probe_sets: list[ProbeSet], crop_frames: int, cfg: EvalConfig,
           device: torch.device, normalize_input: bool = True) -> dict[str, float]:
-    """`probe/linear_<metric>`, `probe/knn_<metric>`, the chosen L2 and the seconds it all took."""
-    if probe_set.num_mel_bins != encoder.grid_f * encoder.patch_embed.patch_size:
-        raise EvalError(f"{probe_set.store}: {probe_set.num_mel_bins} mel bins, the encoder takes "
-                        f"{encoder.grid_f * encoder.patch_embed.patch_size}")
+    """`probe/linear_<metric>`, `probe/knn_<metric>`, the chosen L2 and the seconds it all took.
+
+    With several tasks each is probed on its own (`probe/<task>/linear_acc`, ...) and the plain names hold
+    the mean over tasks, the one number a sweep can rank trials by."""
     start = time.perf_counter()
-    feats = {s: embed(encoder, a, crop_frames, probe_set.mean, probe_set.std, cfg.batch_size, device,
-                      normalize_input) for s, a in probe_set.arrays.items()}
-    linear = linear_probe(feats, probe_set.labels)
-    m = probe_set.metric
-    return {f"probe/linear_{m}": linear.test, f"probe/knn_{m}": knn_probe(feats, probe_set.labels, cfg.knn_k),
-            "probe/linear_l2": linear.l2, "probe/seconds": time.perf_counter() - start}
+    metrics: dict[str, float] = {}
+    for probe_set in probe_sets:
+        if probe_set.num_mel_bins != encoder.grid_f * encoder.patch_embed.patch_size:
+            raise EvalError(f"{probe_set.store}: {probe_set.num_mel_bins} mel bins, the encoder takes "
+                            f"{encoder.grid_f * encoder.patch_embed.patch_size}")
+        feats = {s: embed(encoder, a, crop_frames, probe_set.mean, probe_set.std, cfg.batch_size, device,
+                          normalize_input) for s, a in probe_set.arrays.items()}
+        linear = linear_probe(feats, probe_set.labels)
+        m, prefix = probe_set.metric, f"probe/{probe_set.task}/" if probe_set.task else "probe/"
+        metrics |= {f"{prefix}linear_{m}": linear.test, f"{prefix}knn_{m}": knn_probe(feats, probe_set.labels,
+                                                                                      cfg.knn_k),
+                    f"{prefix}linear_l2": linear.l2}
+    if len(probe_sets) > 1 and len({p.metric for p in probe_sets}) == 1:
+        for kind in ("linear", "knn"):
+            values = [metrics[f"probe/{p.task}/{kind}_{p.metric}"] for p in probe_sets]
+            metrics[f"probe/{kind}_{probe_sets[0].metric}"] = float(np.mean(values))
+    metrics["probe/seconds"] = time.perf_counter() - start
+    return metrics
 
 
 # ----------------------------------------------------------------------------------------------- encoders
@@ -330,17 +366,18 @@ class EvaluateResult:
     tracking_uri: str
 
 
-def format_table(loaded: LoadedEncoder, probe_set: ProbeSet, metrics: dict[str, float], k: int) -> str:
-    m = probe_set.metric
-    counts = ", ".join(f"{s} {len(a)}" for s, a in probe_set.arrays.items())
-    n_classes = len(probe_set.labels["train"].classes)
-    kind = "multi-label, mAP" if m == "map" else "accuracy"
-    return "\n".join([
-        f"encoder: {loaded.source}",
-        f"store:   {probe_set.store} ({counts}; {n_classes} classes, {kind})",
-        f"  linear probe (L2 {metrics['probe/linear_l2']:g} chosen on val)  {100 * metrics[f'probe/linear_{m}']:6.1f}%",
-        f"  kNN (k={k}, cosine)                         {100 * metrics[f'probe/knn_{m}']:6.1f}%",
-    ])
+def format_table(loaded: LoadedEncoder, probe_sets: list[ProbeSet], metrics: dict[str, float], k: int) -> str:
+    lines = [f"encoder: {loaded.source}", f"store:   {probe_sets[0].store}"]
+    for p in probe_sets:
+        m, prefix = p.metric, f"probe/{p.task}/" if p.task else "probe/"
+        counts = ", ".join(f"{s} {len(a)}" for s, a in p.arrays.items())
+        kind = "multi-label, mAP" if m == "map" else "accuracy"
+        n_classes = len(p.labels["train"].classes)
+        lines += [f"{'task ' + p.task if p.task else 'clips'}: {counts}; {n_classes} classes, {kind}",
+                  f"  linear probe (L2 {metrics[prefix + 'linear_l2']:g} chosen on val)  "
+                  f"{100 * metrics[f'{prefix}linear_{m}']:6.1f}%",
+                  f"  kNN (k={k}, cosine)                         {100 * metrics[f'{prefix}knn_{m}']:6.1f}%"]
+    return "\n".join(lines)
 
 
 def run_evaluate(cfg: Config, checkpoint: str, store: str | Path | None = None) -> EvaluateResult:
@@ -351,7 +388,7 @@ def run_evaluate(cfg: Config, checkpoint: str, store: str | Path | None = None) 
 
     out = Path(cfg.run.out_dir).expanduser().absolute()
     loaded = random_encoder(cfg) if checkpoint == "random" else load_encoder(checkpoint, out, cfg.eval.encoder)
-    probe_set = ProbeSet.load(resolve_store(cfg, store))
+    probe_sets = load_probe_sets(resolve_store(cfg, store))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     parent = json.loads((loaded.run_dir / RUN_FILE).read_text()) if loaded.run_dir else None
@@ -360,17 +397,19 @@ def run_evaluate(cfg: Config, checkpoint: str, store: str | Path | None = None) 
     tracker = tracking.Tracker.start(uri, cfg.run.experiment, name, tags={"ajepa.job": "evaluate"},
                                      parent_run_id=parent["mlflow_run_id"] if parent else None)
     try:  # from here on a failure marks the MLflow run FAILED
-        tracker.log_params({"checkpoint": loaded.source, "store": probe_set.store, "eval.encoder": cfg.eval.encoder,
-                            "eval.knn_k": cfg.eval.knn_k, "classes": len(probe_set.labels["train"].classes),
-                            **{f"clips.{s}": len(a) for s, a in probe_set.arrays.items()}})
-        metrics = probe(loaded.encoder.to(device), probe_set, loaded.crop_frames, cfg.eval, device,
+        tracker.log_params({"checkpoint": loaded.source, "store": str(probe_sets[0].store),
+                            "eval.encoder": cfg.eval.encoder, "eval.knn_k": cfg.eval.knn_k,
+                            **{f"classes{'.' + p.task if p.task else ''}": len(p.labels["train"].classes)
+                               for p in probe_sets},
+                            **{f"clips.{s}": sum(len(p.arrays[s]) for p in probe_sets) for s in SPLITS}})
+        metrics = probe(loaded.encoder.to(device), probe_sets, loaded.crop_frames, cfg.eval, device,
                         loaded.normalize_input)
         tracker.log_metrics(metrics, loaded.step)
-        table = format_table(loaded, probe_set, metrics, cfg.eval.knn_k)
+        table = format_table(loaded, probe_sets, metrics, cfg.eval.knn_k)
         results = out / name / "results.json"
         results.parent.mkdir(parents=True, exist_ok=True)
-        results.write_text(json.dumps({"checkpoint": loaded.source, "store": probe_set.store, "step": loaded.step,
-                                       "metrics": metrics}, indent=2))
+        results.write_text(json.dumps({"checkpoint": loaded.source, "store": probe_sets[0].store,
+                                       "step": loaded.step, "metrics": metrics}, indent=2))
         tracker.log_artifact(results)
     except BaseException:
         tracker.finish("FAILED")

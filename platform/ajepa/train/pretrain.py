@@ -28,7 +28,7 @@ from torch import Tensor
 
 from ajepa.audio import apply_augmentation, normalize
 from ajepa.config import Config, ConfigError, config_from_dict, save_config
-from ajepa.eval import EvalError, ProbeSet, probe
+from ajepa.eval import EvalError, ProbeSet, load_probe_sets, probe
 from ajepa.masking import tf_probability, validate_masks
 from ajepa.models.ajepa import AJEPA
 from ajepa.train import schedules
@@ -231,7 +231,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     local_run_dir = config["local_run_dir"]
     restore(trainer, Path(config["run_dir"]), ray.train.get_checkpoint())
     tracker = Tracker.attach(config["tracking_uri"], config["mlflow_run_id"]) if rank == 0 else NullTracker()
-    probe_set = ProbeSet.load(config["eval_store"], cfg.eval.max_clips) if cfg.eval.every and rank == 0 else None
+    probe_sets = load_probe_sets(config["eval_store"], cfg.eval.max_clips) if cfg.eval.every and rank == 0 else None
     batches = _batches(ray.train.get_dataset_shard("train"), cfg.data.batch_size, tuple(config["fbank_shape"]),
                        pin=device.type == "cuda")
     steps = trainer.prefetch(batches)
@@ -258,8 +258,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         metrics = {**trainer.metrics(), **{k: v for k, v in step_info.items() if k != "data_time"},
                    "step": step, "step_time": elapsed / window_steps, "data_time": window_data / window_steps,
                    "samples_per_s": global_batch * window_steps / elapsed}
-        if probe_set is not None and probe_now:  # rank 0 only; the others wait at the next collective
-            metrics.update(online_probe(trainer, probe_set))
+        if probe_sets is not None and probe_now:  # rank 0 only; the others wait at the next collective
+            metrics.update(online_probe(trainer, probe_sets))
             metrics["probe/cost"] = metrics["probe/seconds"] / (cfg.eval.every * metrics["step_time"])
         if rank == 0:
             tracker.log_metrics(metrics, step)
@@ -269,11 +269,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     steps.close()
 
 
-def online_probe(trainer: Pretrainer, probe_set: ProbeSet) -> dict[str, float]:
+def online_probe(trainer: Pretrainer, probe_sets: list[ProbeSet]) -> dict[str, float]:
     """The frozen-encoder probe of eval.py on the encoder being trained, at its current step."""
     cfg = trainer.cfg
     encoder = trainer.model.target_encoder if cfg.eval.encoder == "target" else trainer.model.context_encoder
-    return probe(encoder, probe_set, cfg.data.crop_frames, cfg.eval, trainer.device, cfg.data.normalize)
+    return probe(encoder, probe_sets, cfg.data.crop_frames, cfg.eval, trainer.device, cfg.data.normalize)
 
 
 def _report(trainer: Pretrainer, metrics: dict[str, float], with_checkpoint: bool, step: int,
@@ -367,7 +367,7 @@ def _check_eval_store(cfg: Config, store: Path) -> str:
         return ""
     eval_store = Path(cfg.eval.store) if cfg.eval.store else store
     try:
-        ProbeSet.load(eval_store, cfg.eval.max_clips)
+        load_probe_sets(eval_store, cfg.eval.max_clips)
     except EvalError as exc:
         raise ConfigError(f"eval.every={cfg.eval.every}: {exc} (set eval.store to a labelled store, or "
                           "eval.every=0)") from None
