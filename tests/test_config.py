@@ -61,6 +61,22 @@ def test_unreadable_and_invalid_yaml(tmp_path):
         load_config(write(tmp_path, "model: [\n"))
 
 
+def test_a_config_extends_another_section_by_section(tmp_path):
+    (tmp_path / "base.yaml").write_text("model:\n  depth: 3\n  embed_dim: 96\noptim:\n  steps: 50\n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "long.yaml").write_text("extends: ../base.yaml\noptim:\n  steps: 500\n")
+    cfg = load_config(tmp_path / "sub" / "long.yaml", ["model.depth=4"])
+    assert (cfg.model.depth, cfg.model.embed_dim, cfg.optim.steps) == (4, 96, 500)
+    assert load_config(ROOT / "configs" / "demo-long.yaml").model == load_config(ROOT / "configs" / "tiny.yaml").model
+    (tmp_path / "loop.yaml").write_text("extends: loop2.yaml\n")
+    (tmp_path / "loop2.yaml").write_text("extends: loop.yaml\n")
+    with pytest.raises(ConfigError, match="extends: loop.yaml makes a loop"):
+        load_config(tmp_path / "loop.yaml")
+    (tmp_path / "orphan.yaml").write_text("extends: gone.yaml\n")
+    with pytest.raises(ConfigError, match="gone.yaml: cannot read config"):
+        load_config(tmp_path / "orphan.yaml")
+
+
 def test_save_and_reload_round_trip(tmp_path):
     cfg = load_config(None, ["optim.steps=77", "mask.schedule=inverse"])
     save_config(cfg, tmp_path / "saved.yaml")

@@ -333,10 +333,16 @@ def config_from_dict(data: dict[str, Any], overrides: list[str] = (), source: st
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
-    """Load a YAML config (None: the built-in defaults) and apply `section.key=value` overrides."""
+    """Load a YAML config (None: the built-in defaults) and apply `section.key=value` overrides.
+
+    A config may start from another with `extends: <file>` (relative to its own folder): its sections are
+    merged key by key over that file's, so a recipe states only what it changes."""
     if path is None:
         return config_from_dict({}, overrides, source="defaults")
-    path = Path(path)
+    return config_from_dict(_read_yaml(Path(path), ()), overrides, source=str(path))
+
+
+def _read_yaml(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
     try:
         text = path.read_text()
     except OSError as exc:
@@ -345,7 +351,19 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({exc})") from None
-    return config_from_dict(data, overrides, source=str(path))
+    if not isinstance(data, dict) or "extends" not in data:
+        return data  # config_from_dict names what is wrong with a config that is not a mapping
+    base = data.pop("extends")
+    parent = (path.parent / str(base)).resolve()
+    if parent in chain or parent == path.resolve():
+        raise ConfigError(f"{path}: extends: {base} makes a loop")
+    merged = _read_yaml(parent, (*chain, path.resolve()))
+    for section, values in data.items():
+        if isinstance(values, dict) and isinstance(merged.get(section), dict):
+            merged[section] = {**merged[section], **values}
+        else:
+            merged[section] = values
+    return merged
 
 
 def _plain(obj: Any) -> Any:
