@@ -393,7 +393,8 @@ def run_finetune(cfg: Config, checkpoint: str | None = None, *, store: str | Pat
     if plan.resumed:
         store, checkpoint = plan.record["store"], plan.record["checkpoint"]
     if checkpoint is None:
-        raise ConfigError("--checkpoint: a pretraining run, checkpoint or export, or none (from scratch)")
+        raise ConfigError("--checkpoint is required: a pretraining run, checkpoint or encoder export, or none (the "
+                          "from-scratch baseline)")
     store = runs.resolve_store(cfg, store)
     stats = data.read_stats(store)
     runs.check_store(cfg, stats, store, cfg.run.workers)
