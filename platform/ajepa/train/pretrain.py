@@ -2,7 +2,8 @@
 
 `Pretrainer` holds everything a step needs and nothing of Ray, so the benchmark and unit tests drive it
 directly. `train_loop_per_worker` adds the Ray parts: its data shard, checkpoints through the collective
-`ray.train.report`, and MLflow metrics from rank 0. `run_pretrain` is what `jobs/pretrain.py` calls.
+`ray.train.report`, and MLflow metrics from rank 0. `run_pretrain` is what `jobs/pretrain.py` calls. The run
+machinery under both (run folder, resume, MLflow run, TorchTrainer, restore) is `runs.py`, shared with fine-tuning.
 """
 
 from __future__ import annotations
