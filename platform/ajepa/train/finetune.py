@@ -411,9 +411,8 @@ def run_finetune(cfg: Config, checkpoint: str | None = None, *, store: str | Pat
               f"{len(task.classes)} classes ({task.metric}), encoder {source}, data {store}", flush=True)
         loop_config = {"mean": stats["mean"], "std": stats["std"], "fbank_shape": data.fbank_shape(stats["audio"]),
                        "store": str(store), "task": dataclasses.asdict(task), "encoder_state": encoder_state}
-        datasets = {"train": data.read_store(store, "train", columns=["fbank", "n_frames", "label"]).random_shuffle()}
-        result = runs.fit(plan, train_loop_per_worker, loop_config, datasets, cfg.finetune.steps,
-                          _progress_text)
+        result = runs.fit(plan, train_loop_per_worker, loop_config, store, ["fbank", "n_frames", "label"],
+                          cfg.finetune.steps, _progress_text)
         with result.checkpoint.as_directory() as folder:
             state = load_checkpoint(Path(folder) / CHECKPOINT_FILE)
         model = export_model(state, task, plan.run_dir / MODEL_FILE, stats)

@@ -289,8 +289,8 @@ def run_pretrain(cfg: Config, *, store: str | Path | None = None, resume: str | 
               f"data {store}", flush=True)
         loop_config = {"mean": stats["mean"], "std": stats["std"], "fbank_shape": data.fbank_shape(stats["audio"]),
                        "eval_store": eval_store}
-        datasets = {"train": data.read_store(store, "train", columns=["fbank", "n_frames"]).random_shuffle()}
-        result = runs.fit(plan, train_loop_per_worker, loop_config, datasets, cfg.optim.steps, _progress_text)
+        result = runs.fit(plan, train_loop_per_worker, loop_config, store, ["fbank", "n_frames"], cfg.optim.steps,
+                          _progress_text)
         with result.checkpoint.as_directory() as folder:
             state = load_checkpoint(Path(folder) / CHECKPOINT_FILE)
         encoder = export_encoder(state, plan.run_dir / ENCODER_FILE, stats)

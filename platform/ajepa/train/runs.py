@@ -273,9 +273,10 @@ def open_run(plan: RunPlan, store: Path, params: dict[str, Any], record: dict[st
         yield tracker
 
 
-def fit(plan: RunPlan, loop: Callable[[dict[str, Any]], None], loop_config: dict[str, Any], datasets: dict[str, Any],
-        total: int, describe: Callable[[dict[str, float]], str]) -> Any:
-    """Run `loop` on Ray Train and return its Result. The loop gets `loop_config` plus the shared keys: config,
+def fit(plan: RunPlan, loop: Callable[[dict[str, Any]], None], loop_config: dict[str, Any], store: Path,
+        columns: list[str], total: int, describe: Callable[[dict[str, float]], str]) -> Any:
+    """Run `loop` on Ray Train and return its Result. Its "train" dataset shard holds `columns` of the store's
+    train split, shuffled once. The loop gets `loop_config` plus the shared keys: config,
     tracking_uri, mlflow_run_id, progress (a queue for rank 0's metrics, which the driver prints as
     `<job>: step/total steps, describe(metrics), ETA`), run_dir, local_run_dir (in-process runs: Ray keeps no
     checkpoint copy), fault_marker and fault_at_step."""
@@ -283,10 +284,11 @@ def fit(plan: RunPlan, loop: Callable[[dict[str, Any]], None], loop_config: dict
     from ray.train.torch import TorchTrainer
     from ray.util.queue import Queue
 
+    from ajepa import data
     from ajepa.runtime import init_ray
 
     cfg, run_dir = plan.cfg, plan.run_dir
-    init_ray()
+    init_ray()  # before any Ray Data call: one would start a default Ray of its own
     progress = Queue(actor_options={"num_cpus": 0})  # rank 0's metrics at every log step, for the driver
     loop_config = {**loop_config, "config": cfg.to_dict(), "tracking_uri": plan.record["tracking_uri"],
                    "mlflow_run_id": plan.record["mlflow_run_id"], "progress": progress,
@@ -304,7 +306,7 @@ def fit(plan: RunPlan, loop: Callable[[dict[str, Any]], None], loop_config: dict
         run_config=RunConfig(name=plan.name, storage_path=str(plan.out),
                              checkpoint_config=CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS),
                              failure_config=FailureConfig(max_failures=cfg.run.max_failures)),
-        datasets=datasets,
+        datasets={"train": data.read_store(store, "train", columns=columns).random_shuffle()},
     )
     with _ctrl_c_is_keyboard_interrupt(), _training_progress(progress, total, plan.job, describe):
         return trainer.fit()
