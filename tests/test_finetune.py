@@ -110,6 +110,26 @@ def test_layer_wise_lr_decay_groups_and_the_head():
         assert group["lr"] == pytest.approx(cfg.finetune.lr * group["lr_scale"])
 
 
+def test_resume_from_a_checkpoint_is_exact(tmp_path):
+    """Same step, same draws (crop, SpecAugment, mixup, masked keys, drop path): the weights of an unbroken run."""
+    cfg = micro_cfg("finetune.mixup=0.5", "finetune.steps=4")
+    task = Task(["a", "b", "c"], False, "ce")
+    batches = [(*fake_batch(i, 4), torch.tensor([0, 1, 2, i % 3])) for i in range(4)]
+    straight = Finetuner(cfg, task, -8.0, 4.0, torch.device("cpu"))
+    for batch in batches:
+        straight.train_step(*batch)
+    first = Finetuner(cfg, task, -8.0, 4.0, torch.device("cpu"))
+    for batch in batches[:2]:
+        first.train_step(*batch)
+    first.save(tmp_path / "finetune.pt")
+    resumed = Finetuner(cfg, task, -8.0, 4.0, torch.device("cpu"))
+    resumed.load(tmp_path / "finetune.pt")
+    for batch in batches[2:]:
+        resumed.train_step(*batch)
+    for a, b in zip(straight.model.parameters(), resumed.model.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
 # ------------------------------------------------------------------------------------ stores and bad input
 
 

@@ -114,6 +114,7 @@ class Finetuner:
         ft = self.cfg.finetune
         seed = int(np.random.SeedSequence([self.cfg.run.seed, self.step, self.rank]).generate_state(1)[0])
         generator = torch.Generator().manual_seed(seed)
+        torch.manual_seed(seed)  # drop path draws from torch's global generator(s)
         x = self.model_input(fbank, n_frames, generator)
         y = targets if self.task.loss == "bce" else F.one_hot(targets, len(self.task.classes)).float()
         if ft.mixup > 0:  # one weight per batch, each clip mixed with the clip at the mirrored position
