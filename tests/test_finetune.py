@@ -130,6 +130,23 @@ def test_resume_from_a_checkpoint_is_exact(tmp_path):
         assert torch.equal(a, b)
 
 
+def test_multi_label_trains_one_sigmoid_per_class_and_reports_average_precision():
+    task = Task(["bird", "rain", "wind"], True, "bce")
+    assert task.metric == "map" and task.targets(["bird;rain", "wind"]).tolist() == [[1, 1, 0], [0, 0, 1]]
+    assert Task(["a", "b"], False, "bce").targets(["b", "a"]).tolist() == [[0, 1], [1, 0]]  # bce on one label
+    trainer = Finetuner(micro_cfg(), task, -8.0, 4.0, torch.device("cpu"))
+    fbank, n_frames = fake_batch(0, 4)
+    targets = task.targets(["bird;rain", "wind", "rain", "bird;wind"])
+    trainer.train_step(fbank, n_frames, targets)
+    logits = torch.zeros(4, 3)
+    assert trainer.loss(logits, targets).item() == pytest.approx(math.log(2))  # BCE, not softmax CE
+    scores = trainer.predict(fbank.numpy(), batch_size=4)
+    assert scores.shape == (4, 3) and ((scores > 0) & (scores < 1)).all()  # sigmoids, not a softmax
+    rows = finetune.class_report(scores, task.labels(["bird;rain", "wind", "rain", "bird;wind"]))
+    assert [(r["class"], r["support"]) for r in rows] == [("bird", 2), ("rain", 2), ("wind", 2)]
+    assert all(0 < r["ap"] <= 1 for r in rows)
+
+
 # ------------------------------------------------------------------------------------ stores and bad input
 
 
