@@ -220,7 +220,8 @@ def test_bad_input_stops_before_training_naming_the_field_or_file(case, stores, 
 
 
 def ray_cfg(tmp_path, *extra):
-    return micro_cfg("data.batch_size=4", "run.cpus_per_worker=0.5", "run.torch_threads=1", "run.log_every=2",
+    # Batches of 2: the 16 training clips last the 6 steps, with no new epoch (a Ray Data shuffle, seconds).
+    return micro_cfg("data.batch_size=2", "run.cpus_per_worker=0.5", "run.torch_threads=1", "run.log_every=2",
                      "run.checkpoint_every=2", "finetune.steps=6", "finetune.eval_every=3", f"run.out_dir={tmp_path}",
                      *extra)
 
