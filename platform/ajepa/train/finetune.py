@@ -24,7 +24,7 @@ from torch import Tensor
 
 from ajepa.audio import apply_augmentation, draw_augmentation, normalize
 from ajepa.config import Config, ConfigError
-from ajepa.eval import EvalError, Labels, encode_labels, label_sets, score
+from ajepa.eval import EvalError, Labels, encode_labels, label_sets, mean_average_precision, score
 from ajepa.models.classifier import Classifier, draw_token_masks
 from ajepa.train import runs, schedules
 
@@ -210,8 +210,6 @@ def evaluate(trainer: Finetuner, eval_set: EvalSet, split: str) -> tuple[float, 
 
 def class_report(scores: Tensor, labels: Labels) -> list[dict[str, Any]]:
     """Per class: support and, single-label, precision / recall / F1 of the arg-max; multi-label, its AP."""
-    from ajepa.eval import mean_average_precision
-
     rows = []
     for c, name in enumerate(labels.classes):
         if labels.multi_label:
