@@ -50,6 +50,20 @@ def _parser() -> argparse.ArgumentParser:
                      help="continue a run from its last checkpoint (run name under --out, or its folder)")
     pre.set_defaults(func=pretrain)
 
+    ft = sub.add_parser("finetune", help="fine-tune a pretrained encoder with a classifier head on Ray Train")
+    _common(ft)
+    ft.add_argument("--checkpoint", default=None, metavar="RUN_OR_PATH",
+                    help="the encoder to start from: a pretraining run (name under --out, or folder), a pretrain.pt "
+                         "checkpoint, an encoder.safetensors export, or 'none' for the from-scratch baseline "
+                         "(required unless --resume)")
+    ft.add_argument("--data", default=None, help="labelled spectrogram store (default: data.store, else the demo)")
+    ft.add_argument("--steps", type=int, default=None, help="total optimizer steps (finetune.steps)")
+    ft.add_argument("--workers", type=int, default=None, help="Ray Train workers (0: in-process)")
+    ft.add_argument("--gpus-per-worker", type=float, default=None)
+    ft.add_argument("--resume", default=None, metavar="RUN_OR_PATH",
+                    help="continue a run from its last checkpoint (run name under --out, or its folder)")
+    ft.set_defaults(func=finetune)
+
     ev = sub.add_parser("evaluate", help="linear probe and kNN on a frozen encoder")
     _common(ev)
     ev.add_argument("--checkpoint", required=True, metavar="RUN_OR_PATH",
@@ -86,9 +100,9 @@ def prepare_data(args: argparse.Namespace) -> int:
     return 0
 
 
-def _job_overrides(args: argparse.Namespace) -> list[str]:
+def _job_overrides(args: argparse.Namespace, steps_key: str = "optim.steps") -> list[str]:
     """Flags shared by every job, as config overrides (explicit --set values win)."""
-    flags = {"run.out_dir": args.out, "optim.steps": getattr(args, "steps", None),
+    flags = {"run.out_dir": args.out, steps_key: getattr(args, "steps", None),
              "run.workers": getattr(args, "workers", None),
              "run.gpus_per_worker": getattr(args, "gpus_per_worker", None)}
     return [f"{k}={v}" for k, v in flags.items() if v is not None] + args.overrides
@@ -109,6 +123,26 @@ def pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def finetune(args: argparse.Namespace) -> int:
+    from ajepa.tracking import ui_command
+    from ajepa.train.finetune import run_finetune
+
+    overrides = _job_overrides(args, "finetune.steps")
+    cfg = load_config(args.config, overrides)
+    result = run_finetune(cfg, args.checkpoint, store=args.data, resume=args.resume,
+                          overrides=overrides if args.resume else ())
+    m = "map" if any(k.endswith("/map") for k in result.metrics) else "acc"
+    metrics = result.metrics
+    print(f"fine-tuned {result.name}: {result.step} steps from {result.source}, final loss {metrics['loss']:.4f}")
+    print(f"val {m} {100 * metrics[f'val/{m}']:.1f}% (best {100 * metrics[f'val/best_{m}']:.1f}% at step "
+          f"{int(metrics['val/best_step'])}), test {m} {100 * metrics[f'test/{m}']:.1f}%")
+    print(f"data: {result.store}")
+    print(f"checkpoint: {result.checkpoint}")
+    print(f"model weights: {result.model}")
+    print(f"MLflow run {result.mlflow_run_id}; open with: {ui_command(result.tracking_uri)}")
+    return 0
+
+
 def evaluate(args: argparse.Namespace) -> int:
     from ajepa.eval import run_evaluate
     from ajepa.tracking import ui_command
@@ -124,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     from ajepa.data import StoreError
     from ajepa.demo_data import DemoToolsMissing
     from ajepa.eval import EvalError
-    from ajepa.train.pretrain import CheckpointError
+    from ajepa.train.runs import CheckpointError
 
     args = _parser().parse_args(argv)
     if args.verbose:

@@ -215,6 +215,57 @@ class EvalConfig:
         _check(self.max_clips >= 1, f"{prefix}.max_clips", f"must be >= 1, got {self.max_clips}")
 
 
+TOKEN_REGULARIZERS = ("rm", "drop", "zero", "none")
+FINETUNE_LOSSES = ("auto", "ce", "bce")
+
+
+@dataclass
+class FinetuneConfig:
+    """Fine-tuning a pretrained encoder with a classifier head (method.md §5): AudioMAE's recipe plus a token
+    regulariser. The lr schedule is optim's (warm-up, then cosine) on these steps and peak lr; the optimizer
+    takes optim.betas."""
+
+    encoder: str = "target"  # which encoder of a pretraining checkpoint: target (EMA) or context
+    steps: int = 1000
+    lr: float = 1e-3  # peak lr of the head; layer l of an L-deep encoder gets lr * layer_decay^(L + 1 - l)
+    warmup_fraction: float = 0.1
+    warmup_start_factor: float = 0.01
+    final_lr: float = 1e-6
+    weight_decay: float = 1e-4  # constant; never on biases and norms
+    layer_decay: float = 0.75
+    drop_path: float = 0.1
+    token_reg: str = "rm"  # rm (regularized masking), drop (remove tokens), zero (zero their patches), none
+    token_ratio: float = 0.1  # ceil(token_ratio * N) of each clip's N patch tokens, redrawn every step
+    rm_per_layer: bool = True  # rm: a new draw in every attention layer (else one draw for all layers)
+    time_mask: int = 48  # SpecAugment: one time mask per clip of up to this many frames (0: off; at most the crop)
+    freq_mask: int = 24  # SpecAugment: one frequency mask per clip of up to this many mel bins (0: off)
+    mixup: float = 0.0  # mixup with weight ~ Beta(mixup, mixup) per batch (0: off)
+    loss: str = "auto"  # ce (single-label), bce (one sigmoid per class), auto: bce for multi-label stores
+    eval_every: int = 100  # val metric every this many steps, and at the end
+
+    def validate(self, prefix: str = "finetune") -> None:
+        _check(self.encoder in ("target", "context"), f"{prefix}.encoder",
+               f"must be target or context, got {self.encoder!r}")
+        _check(self.steps >= 1, f"{prefix}.steps", f"must be >= 1, got {self.steps}")
+        _check(self.lr > 0, f"{prefix}.lr", f"must be > 0, got {self.lr}")
+        _check(0 <= self.warmup_fraction < 1, f"{prefix}.warmup_fraction", "must be in [0, 1)")
+        _check(0 < self.warmup_start_factor <= 1, f"{prefix}.warmup_start_factor", "must be in (0, 1]")
+        _check(0 <= self.final_lr <= self.lr, f"{prefix}.final_lr", "must be in [0, lr]")
+        _check(self.weight_decay >= 0, f"{prefix}.weight_decay", "must be >= 0")
+        _check(0 < self.layer_decay <= 1, f"{prefix}.layer_decay", f"must be in (0, 1], got {self.layer_decay}")
+        _check(0 <= self.drop_path < 1, f"{prefix}.drop_path", f"must be in [0, 1), got {self.drop_path}")
+        _check(self.token_reg in TOKEN_REGULARIZERS, f"{prefix}.token_reg",
+               f"must be one of {', '.join(TOKEN_REGULARIZERS)}, got {self.token_reg!r}")
+        _check(0 < self.token_ratio < 1, f"{prefix}.token_ratio", f"must be in (0, 1), got {self.token_ratio}")
+        _check(self.time_mask >= 0, f"{prefix}.time_mask", f"must be >= 0 (0: off), got {self.time_mask}")
+        _check(self.freq_mask >= 0, f"{prefix}.freq_mask", f"must be >= 0 (0: off), got {self.freq_mask}")
+        _check(self.mixup >= 0, f"{prefix}.mixup", f"must be >= 0 (0: off), got {self.mixup}")
+        _check(self.loss in FINETUNE_LOSSES, f"{prefix}.loss",
+               f"must be one of {', '.join(FINETUNE_LOSSES)}, got {self.loss!r}")
+        _check(self.eval_every >= 0, f"{prefix}.eval_every",
+               f"must be >= 0 (0: at the end only), got {self.eval_every}")
+
+
 @dataclass
 class Config:
     audio: AudioConfig = field(default_factory=AudioConfig)
@@ -224,6 +275,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def validate(self) -> None:
         for f in dataclasses.fields(self):

@@ -323,7 +323,8 @@ def load_encoder(checkpoint: str, out: Path, which: str) -> LoadedEncoder:
     """A pretraining run (its name under `out`, or its folder: the newest checkpoint), a `pretrain.pt`
     checkpoint (or its step folder), or an exported `encoder.safetensors` (the target encoder only). Each
     carries its config, so the encoder is rebuilt at the size and input length it was trained with."""
-    from ajepa.train.pretrain import CHECKPOINT_FILE, RUN_FILE, load_checkpoint
+    from ajepa.train.pretrain import CHECKPOINT_FILE, load_checkpoint
+    from ajepa.train.runs import RUN_FILE
 
     path = Path(checkpoint)
     if path.suffix == ".safetensors" and path.is_file():
@@ -384,7 +385,7 @@ def run_evaluate(cfg: Config, checkpoint: str, store: str | Path | None = None) 
     """Embed every split with a frozen encoder, probe it, print and log the result. Everything that can be
     checked (checkpoint, labels, splits) is checked before the encoder runs."""
     from ajepa import tracking
-    from ajepa.train.pretrain import RUN_FILE, resolve_store
+    from ajepa.train.runs import RUN_FILE, resolve_store
 
     out = Path(cfg.run.out_dir).expanduser().absolute()
     loaded = random_encoder(cfg) if checkpoint == "random" else load_encoder(checkpoint, out, cfg.eval.encoder)

@@ -4,19 +4,20 @@ from __future__ import annotations
 
 import math
 
-from ajepa.config import OptimConfig
+from ajepa.config import FinetuneConfig, OptimConfig
 
 
 def _progress(step: int, start: int, end: int) -> float:
     return min(max((step - start) / max(end - start, 1), 0.0), 1.0)
 
 
-def warmup_steps(cfg: OptimConfig) -> int:
+def warmup_steps(cfg: OptimConfig | FinetuneConfig) -> int:
     return int(round(cfg.warmup_fraction * cfg.steps))
 
 
-def learning_rate(step: int, cfg: OptimConfig) -> float:
-    """Linear warm-up from warmup_start_factor x lr to lr, then cosine down to final_lr."""
+def learning_rate(step: int, cfg: OptimConfig | FinetuneConfig) -> float:
+    """Linear warm-up from warmup_start_factor x lr to lr, then cosine down to final_lr (pretraining's optim
+    section, or fine-tuning's finetune section: the same fields)."""
     warm = warmup_steps(cfg)
     if step < warm:
         start = cfg.warmup_start_factor * cfg.lr

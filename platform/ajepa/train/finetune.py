@@ -1,0 +1,444 @@
+"""Fine-tuning (method.md §5): one optimizer step (`Finetuner`), the Ray Train loop around it, and the driver.
+
+A pretrained encoder (the target, EMA, encoder by default) gets a mean-pool -> LayerNorm -> Linear head and is
+trained end to end: AdamW with layer-wise lr decay, drop path, warm-up then cosine, SpecAugment time and
+frequency masks, mixup, and a token regulariser (regularized masking by default). Cross-entropy for
+single-label stores, one sigmoid per class (BCE) for multi-label ones; accuracy or mAP as eval.py scores them.
+The run machinery (run folder, resume, checkpoints, faults, MLflow, progress) is `runs.py`'s, as pretraining's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ajepa.audio import apply_augmentation, draw_augmentation, normalize
+from ajepa.config import Config, ConfigError
+from ajepa.eval import EvalError, Labels, encode_labels, label_sets, mean_average_precision, score
+from ajepa.models.classifier import Classifier, draw_token_masks
+from ajepa.train import runs, schedules
+
+CHECKPOINT_FILE = "finetune.pt"
+MODEL_FILE = "model.safetensors"
+EVAL_SPLITS = ("val", "test")
+
+
+@dataclass(frozen=True)
+class Task:
+    """What the head predicts: the store's classes, whether a clip may carry several, and the loss."""
+
+    classes: list[str]
+    multi_label: bool
+    loss: str  # ce | bce
+
+    @property
+    def metric(self) -> str:
+        return "map" if self.multi_label else "acc"
+
+    def targets(self, labels: list[str]) -> Tensor:
+        """Class indices for ce, a 0/1 matrix for bce."""
+        encoded = encode_labels(labels, self.classes, self.multi_label)
+        if self.loss == "bce" and not self.multi_label:
+            return F.one_hot(encoded.targets, len(self.classes)).float()
+        return encoded.targets
+
+    def labels(self, labels: list[str]) -> Labels:
+        return encode_labels(labels, self.classes, self.multi_label)
+
+
+def spec_augment(x: Tensor, time_mask: int, freq_mask: int, generator: torch.Generator) -> Tensor:
+    """One time and one frequency mask per clip (SpecAugment, as AudioMAE fine-tunes): widths uniform in
+    [0, max], positions uniform; masked values set to 0, the mean of normalised input."""
+    b, frames, bins = x.shape
+    keep = torch.ones(b, frames, bins, dtype=torch.bool)
+    for dim, size, most in ((1, frames, time_mask), (2, bins, freq_mask)):
+        if most <= 0:
+            continue
+        width = torch.randint(0, min(most, size) + 1, (b,), generator=generator)
+        start = (torch.rand(b, generator=generator) * (size - width + 1)).floor().long()
+        pos = torch.arange(size)[None, :]
+        hit = (pos >= start[:, None]) & (pos < (start + width)[:, None])  # (B, size)
+        keep &= ~(hit[:, :, None] if dim == 1 else hit[:, None, :])
+    return x * keep.to(x.device)
+
+
+class Finetuner:
+    """Classifier, optimizer and the global step: one `train_step` per optimizer step, Ray-free."""
+
+    checkpoint_file = CHECKPOINT_FILE
+
+    def __init__(self, cfg: Config, task: Task, mean: float, std: float, device: torch.device,
+                 encoder_state: dict[str, Tensor] | None = None, rank: int = 0, world_size: int = 1):
+        self.cfg, self.task, self.mean, self.std = cfg, task, mean, std
+        self.device, self.rank = device, rank
+        ft = cfg.finetune
+        torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank (and the same random init)
+        model_cfg = dataclasses.replace(cfg.model, drop_path=ft.drop_path)
+        self.model = Classifier(model_cfg, len(task.classes), cfg.audio.num_mel_bins, cfg.data.crop_frames)
+        if encoder_state is not None:
+            self.model.encoder.load_state_dict(encoder_state)
+        self.model.to(device)
+        self.net: torch.nn.Module = self.model
+        if world_size > 1:
+            ids = [device.index] if device.type == "cuda" else None
+            self.net = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        self.optimizer = torch.optim.AdamW(self.model.param_groups(ft.weight_decay, ft.layer_decay), lr=ft.lr,
+                                           betas=cfg.optim.betas, fused=device.type == "cuda")
+        self.amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+        self.step = 0
+        self.best = {"value": float("-inf"), "step": 0}  # best val metric so far; checkpointed with the step
+        self._losses: list[Tensor] = []
+
+    def model_input(self, fbank: Tensor, n_frames: Tensor, generator: torch.Generator) -> Tensor:
+        """Stored spectrograms -> the training input: random crop / roll / gain as pretraining draws them,
+        normalised as the data section says, then SpecAugment."""
+        data, ft = self.cfg.data, self.cfg.finetune
+        aug = draw_augmentation(n_frames, fbank.shape[1], data.crop_frames, data.roll, data.gain_db, generator)
+        x = apply_augmentation(fbank, aug.to(fbank.device))
+        x = normalize(x, self.mean, self.std) if data.normalize else x
+        return spec_augment(x, ft.time_mask, ft.freq_mask, generator)
+
+    def train_step(self, fbank: Tensor, n_frames: Tensor, targets: Tensor) -> None:
+        """One optimizer step. Every random draw comes from a generator seeded by (seed, step, rank), so a
+        resumed run draws what the unbroken run would have."""
+        ft = self.cfg.finetune
+        seed = int(np.random.SeedSequence([self.cfg.run.seed, self.step, self.rank]).generate_state(1)[0])
+        generator = torch.Generator().manual_seed(seed)
+        torch.manual_seed(seed)  # drop path draws from torch's global generator(s)
+        x = self.model_input(fbank, n_frames, generator)
+        y = targets if self.task.loss == "bce" else F.one_hot(targets, len(self.task.classes)).float()
+        if ft.mixup > 0:  # one weight per batch, each clip mixed with the clip at the mirrored position
+            lam = float(np.random.default_rng(seed).beta(ft.mixup, ft.mixup))
+            x, y = lam * x + (1 - lam) * x.flip(0), lam * y + (1 - lam) * y.flip(0)
+        grid = (x.shape[1] // self.model.encoder.patch_embed.patch_size) * self.model.encoder.grid_f
+        masks = draw_token_masks(ft.token_reg, ft.token_ratio, x.shape[0], grid, self.model.encoder.depth,
+                                 ft.rm_per_layer, generator)
+        self.set_schedules()
+        self.model.train()
+        with self.amp:
+            logits = self.net(x.to(self.device), masks.to(self.device))
+        loss = self.loss(logits.float(), y.to(self.device))
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self._losses.append(loss.detach())
+        self.step += 1
+
+    def loss(self, logits: Tensor, y: Tensor) -> Tensor:
+        if self.task.loss == "bce":
+            return F.binary_cross_entropy_with_logits(logits, y)
+        return F.cross_entropy(logits, y)  # y: (mixed) class probabilities
+
+    def set_schedules(self) -> None:
+        lr = schedules.learning_rate(self.step, self.cfg.finetune)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group["lr_scale"]
+
+    def metrics(self) -> dict[str, float]:
+        """Scalars since the last call; the one host sync of the logging interval happens here."""
+        loss = float(torch.stack(self._losses).mean()) if self._losses else float("nan")
+        self._losses.clear()
+        return {"loss": loss, "lr": schedules.learning_rate(self.step - 1, self.cfg.finetune)}
+
+    @torch.no_grad()
+    def predict(self, fbank: np.ndarray, batch_size: int) -> Tensor:
+        """(N, C) float32 scores of stored clips (sigmoid for bce, softmax for ce): crop at frame 0 (padded if
+        shorter), normalised, full attention, no augmentation."""
+        self.model.eval()
+        crop, out = self.cfg.data.crop_frames, []
+        for start in range(0, len(fbank), batch_size):
+            x = torch.from_numpy(fbank[start:start + batch_size, :crop].astype(np.float32))
+            x = F.pad(x, (0, 0, 0, crop - x.shape[1])).to(self.device)
+            x = normalize(x, self.mean, self.std) if self.cfg.data.normalize else x
+            with self.amp:
+                logits = self.model(x).float()
+            out.append((logits.sigmoid() if self.task.loss == "bce" else logits.softmax(-1)).cpu())
+        self.model.train()
+        return torch.cat(out)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "step": self.step,
+                "config": self.cfg.to_dict(), "classes": self.task.classes, "best": dict(self.best)}
+
+    def save(self, path: Path) -> None:
+        torch.save(self.state_dict(), path)
+
+    def load(self, path: Path) -> None:
+        state = load_checkpoint(path)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step, self.best = int(state["step"]), dict(state["best"])
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Read a fine-tuning checkpoint safely (weights_only), with an error that names the file."""
+    return runs.read_checkpoint(path, "fine-tuning", {"model", "optimizer", "step", "config", "classes", "best"})
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+
+
+@dataclass
+class EvalSet:
+    """The val and test splits in memory, for rank 0's evaluations."""
+
+    fbank: dict[str, np.ndarray]
+    labels: dict[str, Labels]
+
+    @classmethod
+    def load(cls, store: str, task: Task) -> EvalSet:
+        from ajepa.data import load_store
+
+        arrays = {split: load_store(store, split) for split in EVAL_SPLITS}
+        return cls({s: a.fbank for s, a in arrays.items()}, {s: task.labels(a.labels) for s, a in arrays.items()})
+
+
+def evaluate(trainer: Finetuner, eval_set: EvalSet, split: str) -> tuple[float, Tensor]:
+    scores = trainer.predict(eval_set.fbank[split], trainer.cfg.eval.batch_size)
+    return score(scores, eval_set.labels[split]), scores
+
+
+def class_report(scores: Tensor, labels: Labels) -> list[dict[str, Any]]:
+    """Per class: support and, single-label, precision / recall / F1 of the arg-max; multi-label, its AP."""
+    rows = []
+    for c, name in enumerate(labels.classes):
+        if labels.multi_label:
+            positives = int(labels.targets[:, c].sum())
+            ap = mean_average_precision(scores[:, c:c + 1], labels.targets[:, c:c + 1]) if positives else float("nan")
+            rows.append({"class": name, "support": positives, "ap": ap})
+            continue
+        predicted, actual = scores.argmax(1) == c, labels.targets == c
+        hits = int((predicted & actual).sum())
+        precision = hits / int(predicted.sum()) if predicted.any() else 0.0
+        recall = hits / int(actual.sum()) if actual.any() else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        rows.append({"class": name, "support": int(actual.sum()), "precision": precision, "recall": recall, "f1": f1})
+    return rows
+
+
+def format_report(rows: list[dict[str, Any]]) -> str:
+    keys = [k for k in rows[0] if k != "class"]
+    width = max(len("class"), *(len(r["class"]) for r in rows))
+    lines = [f"{'class':<{width}}  " + "  ".join(f"{k:>9}" for k in keys)]
+    for r in rows:
+        lines.append(f"{r['class']:<{width}}  " + "  ".join(
+            f"{r[k]:>9d}" if isinstance(r[k], int) else f"{r[k]:>9.3f}" for k in keys))
+    return "\n".join(lines) + "\n"
+
+
+def plot_confusion(scores: Tensor, labels: Labels, path: Path) -> Path:
+    """Row-normalised confusion matrix of the test split (rows: true class, columns: predicted)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # workers have no display
+    import matplotlib.pyplot as plt
+
+    n = len(labels.classes)
+    counts = torch.zeros(n, n)
+    counts.index_put_((labels.targets, scores.argmax(1)), torch.ones(len(labels.targets)), accumulate=True)
+    rates = counts / counts.sum(1, keepdim=True).clamp(min=1)
+    size = 2 + 0.4 * n
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(rates.numpy(), cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(n), labels.classes, rotation=90)
+    ax.set_yticks(range(n), labels.classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    for i in range(n):
+        for j in range(n):
+            if counts[i, j]:
+                ax.text(j, i, int(counts[i, j]), ha="center", va="center", fontsize=7,
+                        color="white" if rates[i, j] > 0.5 else "black")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def final_report(trainer: Finetuner, eval_set: EvalSet, tracker: Any) -> dict[str, float]:
+    """Test metric of the final model, and its per-class report and confusion matrix as MLflow artifacts."""
+    m = trainer.task.metric
+    value, scores = evaluate(trainer, eval_set, "test")
+    labels = eval_set.labels["test"]
+    rows = class_report(scores, labels)
+    with tempfile.TemporaryDirectory() as folder:
+        (Path(folder) / "per_class.txt").write_text(format_report(rows))
+        tracker.log_artifact(Path(folder) / "per_class.txt", "test")
+        tracker.log_dict({"metric": m, "value": value, "classes": rows}, "test/per_class.json")
+        if not labels.multi_label:
+            tracker.log_artifact(plot_confusion(scores, labels, Path(folder) / "confusion.png"), "test")
+    return {f"test/{m}": value}
+
+
+# ------------------------------------------------------------------------------------------ Ray worker
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    import ray.train
+
+    worker = runs.worker_setup(config)
+    cfg, rank, world, device, tracker = worker.cfg, worker.rank, worker.world, worker.device, worker.tracker
+    task = Task(**config["task"])
+    trainer = Finetuner(cfg, task, config["mean"], config["std"], device, config["encoder_state"], rank, world)
+    runs.restore(trainer, Path(config["run_dir"]), ray.train.get_checkpoint())
+    eval_set = EvalSet.load(config["store"], task) if rank == 0 else None
+    batches = runs.shard_batches(ray.train.get_dataset_shard("train"), cfg.data.batch_size,
+                                 tuple(config["fbank_shape"]), pin=device.type == "cuda", columns=("label",))
+    ft, m = cfg.finetune, task.metric
+    total, global_batch = ft.steps, cfg.data.batch_size * world
+    window_start, window_steps = time.perf_counter(), 0
+    while trainer.step < total:
+        runs.maybe_fail(config, trainer.step, worker)
+        fbank, n_frames, columns = next(batches)
+        trainer.train_step(fbank.to(device, non_blocking=True), n_frames, task.targets(list(columns["label"])))
+        window_steps += 1
+        step = trainer.step
+        log_now = step % cfg.run.log_every == 0 or step == total
+        save_now = step % cfg.run.checkpoint_every == 0 or step == total
+        eval_now = step == total or (ft.eval_every > 0 and step % ft.eval_every == 0)
+        if not (log_now or save_now or eval_now):
+            continue
+        elapsed = time.perf_counter() - window_start
+        metrics = {**trainer.metrics(), "step": step, "step_time": elapsed / window_steps,
+                   "samples_per_s": global_batch * window_steps / elapsed}
+        if eval_set is not None and eval_now:  # rank 0 only; the others wait at the next collective
+            value, _ = evaluate(trainer, eval_set, "val")
+            if value > trainer.best["value"]:
+                trainer.best = {"value": value, "step": step}
+            metrics.update({f"val/{m}": value, f"val/best_{m}": trainer.best["value"],
+                            "val/best_step": trainer.best["step"]})
+            if step == total:
+                metrics.update(final_report(trainer, eval_set, tracker))
+        if rank == 0:
+            tracker.log_metrics(metrics, step)
+            config["progress"].put(metrics)  # the driver prints it: workers' own output stays in Ray's logs
+        runs.report(trainer, metrics, save_now and rank == 0, step, config["local_run_dir"])
+        window_start, window_steps = time.perf_counter(), 0
+
+
+# -------------------------------------------------------------------------------------------- driver
+
+
+@dataclass
+class FinetuneResult:
+    run_dir: Path
+    name: str
+    step: int
+    metrics: dict[str, Any]
+    checkpoint: Path
+    model: Path
+    source: str
+    mlflow_run_id: str
+    tracking_uri: str
+    store: Path
+
+
+def task_of(cfg: Config, store: Path) -> Task:
+    """The store's classes and label kind, checked on every split, and the loss the config asks for."""
+    from ajepa.data import StoreError, read_labels
+
+    try:
+        labels = {split: read_labels(store, split) for split in ("train", *EVAL_SPLITS)}
+    except StoreError as exc:
+        raise EvalError(f"{exc}; fine-tuning needs train, val and test clips") from None
+    classes, multi = label_sets(labels, str(store))
+    if multi and cfg.finetune.loss == "ce":
+        raise ConfigError(f"finetune.loss: ce takes one label per clip, but {store} is multi-label (labels a;b): "
+                          "use bce or auto")
+    loss = cfg.finetune.loss if cfg.finetune.loss != "auto" else ("bce" if multi else "ce")
+    return Task(classes, multi, loss)
+
+
+def pretrained_encoder(cfg: Config, checkpoint: str) -> tuple[dict[str, Tensor] | None, str]:
+    """The encoder weights fine-tuning starts from, and where they came from. `none`: a random init (the
+    from-scratch baseline). A checkpoint of another model size than the config's is an error naming the fields."""
+    from ajepa.eval import load_encoder
+
+    if checkpoint == "none":
+        return None, f"none (random init, seed {cfg.run.seed})"
+    loaded = load_encoder(checkpoint, Path(cfg.run.out_dir).expanduser().absolute(), cfg.finetune.encoder)
+    encoder, block = loaded.encoder, loaded.encoder.blocks[0]
+    theirs = {"model.embed_dim": encoder.embed_dim, "model.depth": encoder.depth,
+              "model.num_heads": block.attn.num_heads, "model.patch_size": encoder.patch_embed.patch_size,
+              "model.mlp_ratio": block.mlp.fc1.out_features / encoder.embed_dim,
+              "audio.num_mel_bins": encoder.grid_f * encoder.patch_embed.patch_size}
+    ours = {"model.embed_dim": cfg.model.embed_dim, "model.depth": cfg.model.depth,
+            "model.num_heads": cfg.model.num_heads, "model.patch_size": cfg.model.patch_size,
+            "model.mlp_ratio": cfg.model.mlp_ratio, "audio.num_mel_bins": cfg.audio.num_mel_bins}
+    differ = [f"{k}: config {ours[k]}, checkpoint {theirs[k]}" for k in ours if ours[k] != theirs[k]]
+    if differ:
+        raise ConfigError(f"--checkpoint {checkpoint}: {loaded.source} is another model size than the config's "
+                          f"({'; '.join(differ)}); fine-tune with the config it was pretrained with")
+    return encoder.state_dict(), loaded.source
+
+
+def run_finetune(cfg: Config, checkpoint: str | None = None, *, store: str | Path | None = None,
+                 resume: str | None = None, overrides: list[str] = ()) -> FinetuneResult:
+    """Fine-tune on Ray Train. The checkpoint, the store's labels and the loss are checked before Ray starts."""
+    from ajepa import data
+
+    plan = runs.plan_run("finetune", cfg, resume, overrides)
+    cfg = plan.cfg
+    if plan.resumed:
+        store, checkpoint = plan.record["store"], plan.record["checkpoint"]
+    if checkpoint is None:
+        raise ConfigError("--checkpoint is required: a pretraining run, checkpoint or encoder export, or none (the "
+                          "from-scratch baseline)")
+    store = runs.resolve_store(cfg, store)
+    stats = data.read_stats(store)
+    runs.check_store(cfg, stats, store, cfg.run.workers)
+    task = task_of(cfg, store)
+    encoder_state, source = pretrained_encoder(cfg, checkpoint)
+
+    params = {"checkpoint": source, "data.store_path": str(store), "data.train_clips": stats["counts"]["train"],
+              "data.mean": stats["mean"], "data.std": stats["std"], "classes": len(task.classes),
+              "multi_label": task.multi_label, "finetune.loss_used": task.loss}
+    # A path is recorded absolute, so that --resume finds it from any working directory.
+    record = {"checkpoint": str(Path(checkpoint).absolute()) if Path(checkpoint).exists() else checkpoint}
+    with runs.open_run(plan, store, params, record) as tracker:
+        print(f"fine-tuning {plan.name}: {cfg.finetune.steps} steps on {max(cfg.run.workers, 1)} worker(s), "
+              f"{len(task.classes)} classes ({task.metric}), encoder {source}, data {store}", flush=True)
+        loop_config = {"mean": stats["mean"], "std": stats["std"], "fbank_shape": data.fbank_shape(stats["audio"]),
+                       "store": str(store), "task": dataclasses.asdict(task), "encoder_state": encoder_state}
+        result = runs.fit(plan, train_loop_per_worker, loop_config, store, ["fbank", "n_frames", "label"],
+                          cfg.finetune.steps, _progress_text)
+        with result.checkpoint.as_directory() as folder:
+            state = load_checkpoint(Path(folder) / CHECKPOINT_FILE)
+        model = export_model(state, task, plan.run_dir / MODEL_FILE, stats)
+        tracker.log_artifact(model)
+    return FinetuneResult(plan.run_dir, plan.name, int(state["step"]), dict(result.metrics or {}),
+                          Path(result.checkpoint.path), model, source, plan.record["mlflow_run_id"],
+                          plan.record["tracking_uri"], Path(store))
+
+
+def _progress_text(m: dict[str, float]) -> str:
+    text = f"loss {m['loss']:.4f}, lr {m['lr']:.2e}, {m['samples_per_s']:.1f} samples/s"
+    for split in EVAL_SPLITS:
+        for metric in ("acc", "map"):
+            if f"{split}/{metric}" in m:
+                text += f", {split} {metric} {100 * m[f'{split}/{metric}']:.1f}%"
+    return text
+
+
+def export_model(state: dict[str, Any], task: Task, path: Path, stats: dict[str, Any]) -> Path:
+    """The fine-tuned classifier's weights as safetensors, with what using it needs in the metadata: the model
+    config, the classes and label kind, and the input settings (store audio config, mean/std, crop, normalise)."""
+    from safetensors.torch import save_file
+
+    data_cfg = state["config"]["data"]
+    spec = {"audio": stats["audio"], "mean": stats["mean"], "std": stats["std"],
+            "crop_frames": data_cfg["crop_frames"], "normalize": data_cfg["normalize"]}
+    weights = {k: v.contiguous() for k, v in state["model"].items()}
+    save_file(weights, str(path), metadata={"config": json.dumps(state["config"]["model"]), "step": str(state["step"]),
+                                            "task": json.dumps(dataclasses.asdict(task)), "input": json.dumps(spec)})
+    return path

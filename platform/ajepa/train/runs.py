@@ -1,0 +1,349 @@
+"""The run machinery every training job shares (pretraining, fine-tuning).
+
+Driver side: the store a job reads, run naming, the run folder with its `run.json` record, `--resume`, the
+MLflow run (FINISHED, FAILED on any error, KILLED on Ctrl-C) and the Ray Train `TorchTrainer` with its failure
+handling and the progress line. Worker side: the data shard as batches, checkpoints reported through the
+collective `ray.train.report`, `restore()` from the newest complete checkpoint and the fault-injection hook.
+
+A job plugs in its loop and its trainer. A trainer is any object with `step`, `save(path)`, `load(path)`
+(raising `CheckpointError`) and `checkpoint_file`, the file name inside each `step_XXXXXXXX` folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from ajepa.config import Config, ConfigError, config_from_dict, save_config
+
+RUN_FILE = "run.json"
+KEEP_CHECKPOINTS = 2
+FAULT_ENV = "AJEPA_FAULT_AT_STEP"  # test hook: the last rank dies once at this step
+logger = logging.getLogger(__name__)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be loaded; the message names the file."""
+
+
+class Trainer(Protocol):
+    checkpoint_file: str
+    step: int
+
+    def save(self, path: Path) -> None: ...
+
+    def load(self, path: Path) -> None: ...
+
+
+def read_checkpoint(path: Path, kind: str, keys: set[str]) -> dict[str, Any]:
+    """Read a checkpoint safely (weights_only), with an error that names the file and what it lacks."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: checkpoint file is missing") from None
+    except Exception as exc:  # torch raises many types for truncated or foreign files
+        raise CheckpointError(f"{path}: corrupt or unreadable checkpoint ({type(exc).__name__}: {exc})") from None
+    missing = keys - set(state) if isinstance(state, dict) else keys
+    if missing:
+        raise CheckpointError(f"{path}: not an ajepa {kind} checkpoint (missing {', '.join(sorted(missing))})")
+    return state
+
+
+# ------------------------------------------------------------------------------------------ Ray worker
+
+
+def shard_batches(shard: Any, batch_size: int, shape: tuple[int, int], pin: bool,
+                  columns: tuple[str, ...] = ()) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict[str, Any]]]:
+    """Endless full batches from this worker's shard: (fbank, n_frames, {column: numpy array} for `columns`).
+    The trainer splits with equal=True and the last partial batch is dropped, so every rank sees the same number
+    of batches per epoch (no DDP hang)."""
+    from ajepa.data import decode_fbank
+
+    while True:
+        for batch in shard.iter_batches(batch_size=batch_size, drop_last=True, batch_format="numpy"):
+            # One copy from Arrow's read-only bytes into (pinned) memory that torch owns.
+            fbank = torch.empty((batch_size, *shape), dtype=torch.float16, pin_memory=pin)
+            decode_fbank(batch["fbank"], shape, out=fbank.numpy())
+            yield fbank, torch.from_numpy(batch["n_frames"].astype(np.int64)), {c: batch[c] for c in columns}
+
+
+@dataclass
+class Worker:
+    """What a loop needs of its place in the worker group."""
+
+    cfg: Config
+    rank: int
+    world: int
+    device: torch.device
+    tracker: Any  # tracking.Tracker on rank 0, NullTracker elsewhere
+
+
+def worker_setup(config: dict[str, Any]) -> Worker:
+    """The loop's config, rank and device (CPU threads set), and rank 0's MLflow run."""
+    import ray.train
+    import ray.train.torch
+
+    from ajepa.tracking import NullTracker, Tracker
+
+    cfg = config_from_dict(config["config"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    if device.type == "cpu":
+        torch.set_num_threads(cfg.run.torch_threads or max(1, round(cfg.run.cpus_per_worker)))
+    tracker = Tracker.attach(config["tracking_uri"], config["mlflow_run_id"]) if rank == 0 else NullTracker()
+    return Worker(cfg, rank, world, device, tracker)
+
+
+def maybe_fail(config: dict[str, Any], step: int, worker: Worker) -> None:
+    """The fault-injection hook: the last rank dies once, hard, when it is about to train `FAULT_ENV`'s step."""
+    if config.get("fault_at_step") == step and worker.rank == worker.world - 1:
+        marker = Path(config["fault_marker"])
+        if not marker.exists():
+            marker.touch()
+            os._exit(1)  # a hard worker death, as from an OOM kill or a lost node
+
+
+def report(trainer: Trainer, metrics: dict[str, float], with_checkpoint: bool, step: int,
+           local_run_dir: str) -> None:
+    """Every rank calls report the same number of times (it is a collective); rank 0 attaches the state.
+
+    In local mode (run.workers=0) Ray Train keeps no copy of a reported checkpoint, so it is written straight
+    into the run folder, where Ray would have put it, and the newest two are kept, as Ray keeps them."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as folder:
+        checkpoint = None
+        if with_checkpoint:
+            where = Path(local_run_dir) / f"step_{step:08d}" if local_run_dir else Path(folder)
+            where.mkdir(exist_ok=True)
+            trainer.save(where / trainer.checkpoint_file)
+            checkpoint = ray.train.Checkpoint.from_directory(str(where))
+            for old in local_checkpoints(Path(local_run_dir))[:-KEEP_CHECKPOINTS] if local_run_dir else []:
+                shutil.rmtree(old)
+        ray.train.report(metrics, checkpoint=checkpoint,
+                         checkpoint_dir_name=f"step_{step:08d}" if checkpoint is not None else None)
+
+
+def restore(trainer: Trainer, run_dir: Path, registered: Any) -> None:
+    """Load the newest complete checkpoint of the run, if any.
+
+    Ray Train restores only the checkpoints its controller has registered, and it registers a reported one
+    when it next polls the workers, every few seconds. On a GPU that is tens of steps: a worker that dies
+    between its report and the poll would restart the run from an older checkpoint, or from scratch,
+    although the newer one sits complete in the run folder. So the run folder comes first, newest first,
+    skipping one a dying worker left half-written; Ray's own is the fallback where the run folder is not on
+    this node's file system."""
+    for folder in reversed(local_checkpoints(run_dir)):
+        try:
+            trainer.load(folder / trainer.checkpoint_file)
+            return
+        except CheckpointError as err:
+            logger.warning("skipping a checkpoint that cannot be read: %s", err)
+    if registered is not None:
+        with registered.as_directory() as folder:
+            trainer.load(Path(folder) / trainer.checkpoint_file)
+
+
+def local_checkpoints(run_dir: Path) -> list[Path]:
+    """A run folder's checkpoint folders (a `step_*` folder holding a .pt file), oldest first."""
+    return sorted({p.parent for p in run_dir.glob("step_*/*.pt")})
+
+
+# -------------------------------------------------------------------------------------------- driver
+
+
+def resolve_store(cfg: Config, store: str | Path | None) -> Path:
+    """--data, else data.store, else the built-in demo store (built on first use)."""
+    from ajepa import data
+
+    if store:
+        return Path(store)
+    if cfg.data.store:
+        return Path(cfg.data.store)
+    return data.demo_store(cfg.audio)[0]
+
+
+def check_store(cfg: Config, stats: dict[str, Any], store: Path, workers: int) -> None:
+    audio = stats["audio"]
+    if audio["num_mel_bins"] != cfg.audio.num_mel_bins:
+        raise ConfigError(f"audio.num_mel_bins: config says {cfg.audio.num_mel_bins}, store {store} has "
+                          f"{audio['num_mel_bins']}")
+    per_rank = stats["counts"]["train"] // max(workers, 1)
+    if per_rank < cfg.data.batch_size:
+        raise ConfigError(f"data.batch_size: {cfg.data.batch_size} is larger than the {per_rank} training rows each "
+                          f"of {max(workers, 1)} workers gets from {store}")
+
+
+def new_run_name(job: str) -> str:
+    return f"{job}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+
+
+def resolve_resume(resume: str, out: Path) -> tuple[Path, str]:
+    """`--resume` takes a run folder or a run name under --out; returns (out, name)."""
+    path = Path(resume)
+    candidates = [path, out / resume] if path.is_absolute() or path.exists() else [out / resume]
+    for candidate in candidates:
+        if (candidate / RUN_FILE).exists():
+            return candidate.parent.absolute(), candidate.name
+    looked = " and ".join(str(c / RUN_FILE) for c in candidates)
+    raise ConfigError(f"--resume {resume}: no run found (looked for {looked})")
+
+
+def read_run_file(path: Path) -> dict[str, Any]:
+    try:
+        saved = json.loads(path.read_text())
+        missing = {"config", "store", "mlflow_run_id", "tracking_uri"} - set(saved)
+    except (OSError, json.JSONDecodeError, TypeError) as exc:
+        raise ConfigError(f"{path}: unreadable run record ({exc})") from None
+    if missing:
+        raise ConfigError(f"{path}: run record lacks {', '.join(sorted(missing))}")
+    return saved
+
+
+@dataclass
+class RunPlan:
+    """Where a run lives and the config it runs with; `record` is its run.json (read on resume, written by
+    `open_run` for a new run)."""
+
+    job: str  # pretrain | finetune: run names, the MLflow tag, the progress line
+    cfg: Config
+    out: Path
+    name: str
+    resumed: bool
+    record: dict[str, Any] | None
+
+    @property
+    def run_dir(self) -> Path:
+        return self.out / self.name
+
+
+def plan_run(job: str, cfg: Config, resume: str | None, overrides: list[str]) -> RunPlan:
+    """A new run (name from run.name or generated; it must not exist) or the run `--resume` names, with its
+    saved config and `overrides` on top. Nothing is written yet."""
+    out = Path(cfg.run.out_dir).expanduser().absolute()
+    if resume:
+        out, name = resolve_resume(resume, out)
+        saved = read_run_file(out / name / RUN_FILE)
+        cfg = config_from_dict(saved["config"], overrides, source=str(out / name / RUN_FILE))
+        return RunPlan(job, cfg, out, name, True, saved)
+    name = cfg.run.name or new_run_name(job)
+    if (out / name).exists():
+        raise ConfigError(f"run.name: {out / name} already exists; use --resume {name} to continue it")
+    return RunPlan(job, cfg, out, name, False, None)
+
+
+@contextlib.contextmanager
+def open_run(plan: RunPlan, store: Path, params: dict[str, Any], record: dict[str, Any] | None = None) -> Iterator[Any]:
+    """The run folder and its MLflow run (a resumed run continues its own). A new run saves its config, logs
+    it with `params`, and writes run.json (with `record`'s fields too). The MLflow run ends FINISHED, or
+    FAILED on any error in the body (also after fit(): export, upload), KILLED on Ctrl-C."""
+    from ajepa import tracking
+
+    plan.run_dir.mkdir(parents=True, exist_ok=True)
+    if plan.resumed:
+        uri, run_id = plan.record["tracking_uri"], plan.record["mlflow_run_id"]
+        tracker = tracking.Tracker.attach(uri, run_id)
+    else:
+        uri = tracking.default_tracking_uri(plan.out)
+        tracker = tracking.Tracker.start(uri, plan.cfg.run.experiment, plan.name, tags={"ajepa.job": plan.job})
+    with tracker:
+        if not plan.resumed:
+            save_config(plan.cfg, plan.run_dir / "config.yaml")
+            tracker.log_params({**plan.cfg.flat(), **params})
+            tracker.log_artifact(plan.run_dir / "config.yaml")
+            plan.record = {"name": plan.name, "store": str(store), "mlflow_run_id": tracker.run_id,
+                          "tracking_uri": uri, "config": plan.cfg.to_dict(), **(record or {})}
+            (plan.run_dir / RUN_FILE).write_text(json.dumps(plan.record, indent=2))
+        yield tracker
+
+
+def fit(plan: RunPlan, loop: Callable[[dict[str, Any]], None], loop_config: dict[str, Any], store: Path,
+        columns: list[str], total: int, describe: Callable[[dict[str, float]], str]) -> Any:
+    """Run `loop` on Ray Train and return its Result. Its "train" dataset shard holds `columns` of the store's
+    train split, shuffled once. The loop gets `loop_config` plus the shared keys: config,
+    tracking_uri, mlflow_run_id, progress (a queue for rank 0's metrics, which the driver prints as
+    `<job>: step/total steps, describe(metrics), ETA`), run_dir, local_run_dir (in-process runs: Ray keeps no
+    checkpoint copy), fault_marker and fault_at_step."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.util.queue import Queue
+
+    from ajepa import data
+    from ajepa.runtime import init_ray
+
+    cfg, run_dir = plan.cfg, plan.run_dir
+    init_ray()  # before any Ray Data call: one would start a default Ray of its own
+    progress = Queue(actor_options={"num_cpus": 0})  # rank 0's metrics at every log step, for the driver
+    loop_config = {**loop_config, "config": cfg.to_dict(), "tracking_uri": plan.record["tracking_uri"],
+                   "mlflow_run_id": plan.record["mlflow_run_id"], "progress": progress,
+                   "fault_marker": str(run_dir / "fault_injected"), "run_dir": str(run_dir),
+                   "local_run_dir": str(run_dir) if cfg.run.workers == 0 else ""}
+    if os.environ.get(FAULT_ENV):
+        loop_config["fault_at_step"] = int(os.environ[FAULT_ENV])
+    use_gpu = cfg.run.gpus_per_worker > 0
+    resources = {"CPU": cfg.run.cpus_per_worker, **({"GPU": cfg.run.gpus_per_worker} if use_gpu else {})}
+    trainer = TorchTrainer(
+        loop,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=cfg.run.workers, use_gpu=use_gpu,
+                                     resources_per_worker=resources if cfg.run.workers else None),
+        run_config=RunConfig(name=plan.name, storage_path=str(plan.out),
+                             checkpoint_config=CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS),
+                             failure_config=FailureConfig(max_failures=cfg.run.max_failures)),
+        datasets={"train": data.read_store(store, "train", columns=columns).random_shuffle()},
+    )
+    with _ctrl_c_is_keyboard_interrupt(), _training_progress(progress, total, plan.job, describe):
+        return trainer.fit()
+
+
+@contextlib.contextmanager
+def _ctrl_c_is_keyboard_interrupt() -> Iterator[None]:
+    """Train V2's fit() installs a SIGINT handler that aborts the run and raises SystemExit, and leaves it
+    installed after fit() returns. Here a Ctrl-C stays a KeyboardInterrupt, during fit() and after it."""
+    main = threading.current_thread() is threading.main_thread()  # only there can handlers change
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        yield
+    except SystemExit as exc:  # only Train's SIGINT handler exits from inside fit()
+        raise KeyboardInterrupt from exc
+    finally:
+        if main:
+            signal.signal(signal.SIGINT, handler)
+
+
+@contextlib.contextmanager
+def _training_progress(queue: Any, total: int, job: str, describe: Callable[[dict[str, float]], str]) -> Iterator[None]:
+    """Print what rank 0 puts on `queue` while the body (fit) runs: the step, `describe(metrics)` and the ETA."""
+    from ajepa.progress import Progress, polling
+
+    bar = Progress(f"{job}:", total, "steps", keep=True)
+    first: list[tuple[float, int]] = []  # (time, step) of the first report, for an ETA that spans epoch stalls
+
+    def poll() -> None:
+        for m in queue.get_nowait_batch(queue.qsize()):
+            now, step = time.monotonic(), int(m["step"])
+            first[:] = first or [(now, step)]
+            step_time = (now - first[0][0]) / (step - first[0][1]) if step > first[0][1] else m["step_time"]
+            bar.update(step, describe(m), eta_s=(total - step) * step_time)
+
+    try:
+        with polling(poll):
+            yield
+    finally:
+        bar.close()
