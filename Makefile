@@ -18,8 +18,7 @@ system-deps:
 	bash scripts/system_deps.sh
 
 demo: venv system-deps
-	$(PY) jobs/prepare_data.py --input demo
-	$(PY) jobs/pretrain.py --config tiny --out runs
+	$(PY) jobs/demo.py --out runs
 
 test: venv system-deps
 	$(PY) -m pytest -q

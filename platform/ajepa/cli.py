@@ -64,6 +64,11 @@ def _parser() -> argparse.ArgumentParser:
                     help="continue a run from its last checkpoint (run name under --out, or its folder)")
     ft.set_defaults(func=finetune)
 
+    demo = sub.add_parser("demo", help="does pretraining help? pretrain, then probe and fine-tune against random "
+                                       "init, on the demo store; one table")
+    _common(demo)
+    demo.set_defaults(func=run_demo, config=config_path("demo"))
+
     ev = sub.add_parser("evaluate", help="linear probe and kNN on a frozen encoder")
     _common(ev)
     ev.add_argument("--checkpoint", required=True, metavar="RUN_OR_PATH",
@@ -140,6 +145,17 @@ def finetune(args: argparse.Namespace) -> int:
     print(f"checkpoint: {result.checkpoint}")
     print(f"model weights: {result.model}")
     print(f"MLflow run {result.mlflow_run_id}; open with: {ui_command(result.tracking_uri)}")
+    return 0
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from ajepa.demo import run_demo as demo
+
+    cfg = load_config(args.config, _job_overrides(args))
+    result = demo(cfg)
+    print(f"\ndoes pretraining help? {args.config.name}, test split of the demo store; frozen probes per task, "
+          f"fine-tuning {cfg.finetune.steps} steps on both tasks' classes at once")
+    print(result.table)
     return 0
 
 
