@@ -336,7 +336,7 @@ def build_speech_audio(out_dir: str | os.PathLike[str], *, speakers: int = 80, s
     staging.mkdir()
     try:
         people = draw_speakers(speakers, seed)
-        jobs = [(staging, person, word, clip_seconds, seed) for person in people for word in words]
+        jobs = [(staging, person, w, word, clip_seconds, seed) for person in people for w, word in enumerate(words)]
         with ThreadPool(workers or os.cpu_count() or 1) as pool:  # the work runs in espeak-ng processes
             rows = pool.starmap(_speak, jobs)
         with (staging / "manifest.csv").open("w", newline="") as f:
@@ -368,7 +368,7 @@ def draw_speakers(count: int, seed: int) -> list[dict]:
     return list(people.values())
 
 
-def _speak(out_dir: Path, person: dict, word: str, clip_seconds: float, seed: int) -> dict:
+def _speak(out_dir: Path, person: dict, word_index: int, word: str, clip_seconds: float, seed: int) -> dict:
     """One word from one speaker: espeak-ng renders it, then a seeded onset and noise floor, cut to the clip."""
     folder = out_dir / "audio" / word
     folder.mkdir(parents=True, exist_ok=True)
@@ -383,8 +383,7 @@ def _speak(out_dir: Path, person: dict, word: str, clip_seconds: float, seed: in
     # speaker must give the same bytes in every build.
     speech, rate = sf.read(path, dtype="float64", always_2d=True)
     speech = speech.mean(axis=1)
-    rng = np.random.default_rng([seed, person["speaker"], SPOKEN_WORDS.index(word) if word in SPOKEN_WORDS
-                                 else sum(map(ord, word))])
+    rng = np.random.default_rng([seed, person["speaker"], word_index])
     lead = round(rng.integers(_SPEECH_LEAD_MS[0], _SPEECH_LEAD_MS[1] + 1) * rate / 1000)
     length = round(clip_seconds * rate)
     clip = np.zeros(length)
