@@ -17,7 +17,7 @@ import secrets
 import shutil
 import struct
 import subprocess
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from multiprocessing.pool import ThreadPool
 from pathlib import Path
@@ -110,15 +110,7 @@ def build_demo_audio(out_dir: str | os.PathLike[str], *, notes_per_program: int 
     params = {"version": GENERATOR_VERSION, "soundfont": str(DEMO_SOUNDFONT),
               "notes_per_program": notes_per_program, "seed": seed, "sample_rate": sample_rate,
               "clip_seconds": clip_seconds, "programs": programs}
-    manifest = out_dir / "manifest.csv"
-    if _is_cached(out_dir, params):
-        return manifest
-    check_demo_tools()
-    _check_replaceable(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = out_dir.parent / f".{out_dir.name}.{secrets.token_hex(4)}.tmp"  # unique: builds may race
-    staging.mkdir()
-    try:
+    def render(staging: Path) -> list[dict]:
         scratch = staging / "_render"
         scratch.mkdir()
         jobs = [_Job(family, tuple(p for p in programs if p // 8 == family), notes_per_program, seed,
@@ -130,7 +122,26 @@ def build_demo_audio(out_dir: str | os.PathLike[str], *, notes_per_program: int 
             rows = [row for rows in pool.imap(_render_family, jobs) for row in rows]
         scratch.rmdir()
         splits = program_splits(seed)
-        _write_manifest(staging / "manifest.csv", [{**row, "split": splits[row["program"]]} for row in rows])
+        return [{**row, "split": splits[row["program"]]} for row in rows]
+
+    return _cached_build(out_dir, params, check_demo_tools, render, MANIFEST_COLUMNS)
+
+
+def _cached_build(out_dir: Path, params: dict, check_tools: Callable[[], None],
+                  render: Callable[[Path], list[dict]], columns: Sequence[str]) -> Path:
+    """`out_dir/manifest.csv` of a build with these parameters: the cached one, or `render`'s rows and the
+    files it writes into a temporary sibling folder, swapped in at the end so a crash never leaves half a
+    dataset."""
+    manifest = out_dir / "manifest.csv"
+    if _is_cached(out_dir, params):
+        return manifest
+    check_tools()
+    _check_replaceable(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = out_dir.parent / f".{out_dir.name}.{secrets.token_hex(4)}.tmp"  # unique: builds may race
+    staging.mkdir()
+    try:
+        _write_manifest(staging / "manifest.csv", render(staging), columns)
         (staging / "demo.json").write_text(json.dumps(params, indent=2) + "\n")
         _swap_in(staging, out_dir)
     except BaseException:
@@ -184,9 +195,9 @@ def _swap_in(staging: Path, out_dir: Path) -> None:
         staging.rename(out_dir)
 
 
-def _write_manifest(path: Path, rows: list[dict]) -> None:
+def _write_manifest(path: Path, rows: list[dict], columns: Sequence[str]) -> None:
     with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=MANIFEST_COLUMNS)
+        writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
 
@@ -326,29 +337,13 @@ def build_speech_audio(out_dir: str | os.PathLike[str], *, speakers: int = 80, s
         raise ValueError("words must not be empty")
     params = {"version": GENERATOR_VERSION, "kind": "speech", "speakers": speakers, "seed": seed,
               "clip_seconds": clip_seconds, "words": words}
-    manifest = out_dir / "manifest.csv"
-    if _is_cached(out_dir, params):
-        return manifest
-    check_speech_tools()
-    _check_replaceable(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = out_dir.parent / f".{out_dir.name}.{secrets.token_hex(4)}.tmp"
-    staging.mkdir()
-    try:
-        people = draw_speakers(speakers, seed)
-        jobs = [(staging, person, w, word, clip_seconds, seed) for person in people for w, word in enumerate(words)]
+    def render(staging: Path) -> list[dict]:
+        jobs = [(staging, person, w, word, clip_seconds, seed)
+                for person in draw_speakers(speakers, seed) for w, word in enumerate(words)]
         with ThreadPool(workers or os.cpu_count() or 1) as pool:  # the work runs in espeak-ng processes
-            rows = pool.starmap(_speak, jobs)
-        with (staging / "manifest.csv").open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=SPEECH_COLUMNS)
-            writer.writeheader()
-            writer.writerows(rows)
-        (staging / "demo.json").write_text(json.dumps(params, indent=2) + "\n")
-        _swap_in(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return manifest
+            return pool.starmap(_speak, jobs)
+
+    return _cached_build(out_dir, params, check_speech_tools, render, SPEECH_COLUMNS)
 
 
 def draw_speakers(count: int, seed: int) -> list[dict]:
