@@ -43,6 +43,7 @@ def test_yaml_and_overrides(tmp_path):
         ("", ["mask.rb_target_scale=0.2"], "mask.rb_target_scale: expected a list of 2"),
         ("", ["data.crop_frames=100"], "data.crop_frames"),
         ("", ["finetune.token_reg=mask"], "finetune.token_reg: must be one of rm, drop, zero, none, got 'mask'"),
+        ("", ["eval.pool=max"], "eval.pool: must be one of mean, freq, got 'max'"),
         ("", ["finetune.layer_decay=0"], "finetune.layer_decay: must be in (0, 1]"),
         ("", ["finetune.loss=mse"], "finetune.loss: must be one of auto, ce, bce"),
         ("finetune:\n  token_ratio: 1.5\n", [], "finetune.token_ratio: must be in (0, 1)"),

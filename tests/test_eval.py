@@ -102,6 +102,11 @@ def test_embedding_pools_real_frames_only_and_ignores_the_batch():
     with torch.no_grad():
         tokens = encoder((torch.from_numpy(fbank[1:2].astype(np.float32)) + 6.0) / 6.0)  # normalise: (x-m)/(2s)
     torch.testing.assert_close(together[1], tokens[0, :3 * 8].mean(0))  # 40 frames touch 3 time patches of 16
+    rows = embed(encoder, arrays, 128, -6.0, 3.0, 2, torch.device("cpu"), pool="freq")
+    d = encoder.embed_dim
+    assert rows.shape == (3, 8 * d)  # one D-wide average per frequency row, rows concatenated
+    torch.testing.assert_close(rows[1].view(8, d), tokens[0, :3 * 8].view(3, 8, d).mean(0))
+    torch.testing.assert_close(rows.view(3, 8, d).mean(1), together)  # the rows' mean is the plain mean
     raw = embed(encoder, arrays, 128, -6.0, 3.0, 3, torch.device("cpu"), normalize_input=False)
     with torch.no_grad():  # an encoder trained on unnormalised input is probed on unnormalised input
         torch.testing.assert_close(raw[1], encoder(torch.from_numpy(fbank[1:2].astype(np.float32)))[0, :24].mean(0))

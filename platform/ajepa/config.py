@@ -195,11 +195,18 @@ class RunConfig:
         _check(self.max_failures >= -1, f"{prefix}.max_failures", "must be >= -1 (-1: unlimited)")
 
 
+EVAL_POOLS = ("mean", "freq")
+
+
 @dataclass
 class EvalConfig:
     """Frozen-encoder evaluation (method.md §5): offline with jobs/evaluate.py, online during pretraining."""
 
     encoder: str = "target"  # target (EMA) or context
+    # mean: over all real patch tokens (what the fine-tuning head pools). freq: over time within each frequency
+    # row, the rows concatenated (Fp x D features, as MSM-MAE and M2D probe): keeps the spectral envelope that a
+    # mean over frequency averages away, which a random encoder cannot recover and a trained one must learn.
+    pool: str = "mean"
     knn_k: int = 5
     batch_size: int = 64  # clips per encoder call when embedding
     every: int = 0  # online probe every this many pretraining steps; 0 = off
@@ -209,6 +216,7 @@ class EvalConfig:
     def validate(self, prefix: str = "eval") -> None:
         _check(self.encoder in ("target", "context"), f"{prefix}.encoder",
                f"must be target or context, got {self.encoder!r}")
+        _check(self.pool in EVAL_POOLS, f"{prefix}.pool", f"must be one of {', '.join(EVAL_POOLS)}, got {self.pool!r}")
         _check(self.knn_k >= 1, f"{prefix}.knn_k", f"must be >= 1, got {self.knn_k}")
         _check(self.batch_size >= 1, f"{prefix}.batch_size", f"must be >= 1, got {self.batch_size}")
         _check(self.every >= 0, f"{prefix}.every", f"must be >= 0 (0: off), got {self.every}")

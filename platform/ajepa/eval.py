@@ -2,7 +2,8 @@
 
 One protocol for every encoder, random or pretrained, so that their numbers compare:
 - each clip is cropped at frame 0 to the encoder's input length, normalised with its store's statistics,
-  encoded, and its tokens mean-pooled over the time patches that hold real (not padded) frames;
+  encoded, and its tokens averaged over the time patches that hold real (not padded) frames: over all of them
+  (`eval.pool` mean), or over time within each frequency row, the rows concatenated (freq);
 - linear probe: logistic regression on standardised features (softmax for single-label tasks, one sigmoid
   per class for multi-label ones), full-batch L-BFGS from zeros, so it is deterministic. The L2 strength is
   chosen on val from `L2_GRID`, then the probe is refitted on train + val and scored on test;
@@ -85,10 +86,11 @@ def encode_labels(values: list[str], classes: list[str], multi_label: bool) -> L
 
 @torch.no_grad()
 def embed(encoder: VisionTransformer, arrays: StoreArrays, crop_frames: int, mean: float, std: float,
-          batch_size: int, device: torch.device, normalize_input: bool = True) -> Tensor:
-    """(N, D) float32 clip embeddings: crop at 0 (pad if shorter), normalise (as the encoder was trained:
-    `normalize_input`), encode, mean-pool the tokens of the time patches that hold real frames (padding would
-    pull every short clip towards one point)."""
+          batch_size: int, device: torch.device, normalize_input: bool = True, pool: str = "mean") -> Tensor:
+    """Clip embeddings: crop at 0 (pad if shorter), normalise (as the encoder was trained: `normalize_input`),
+    encode, and average the tokens of the time patches that hold real frames (padding would pull every short
+    clip towards one point). `pool` "mean": over those tokens, (N, D); "freq": over time within each frequency
+    row, the rows concatenated, (N, Fp * D). Float32 on the CPU."""
     was_training = encoder.training
     encoder.eval()
     patch, grid_f = encoder.patch_embed.patch_size, encoder.grid_f
@@ -98,11 +100,13 @@ def embed(encoder: VisionTransformer, arrays: StoreArrays, crop_frames: int, mea
         if fbank.shape[1] < crop_frames:
             fbank = F.pad(fbank, (0, 0, 0, crop_frames - fbank.shape[1]))
         x = fbank.to(device)
-        tokens = encoder(normalize(x, mean, std) if normalize_input else x)  # (B, Tp * Fp, D)
+        tokens = encoder(normalize(x, mean, std) if normalize_input else x)  # (B, Tp * Fp, D), time-major
+        tokens = tokens.view(tokens.shape[0], -1, grid_f, tokens.shape[-1])
         real = torch.from_numpy(np.minimum(arrays.n_frames[start:start + batch_size], crop_frames))
         cols = ((real + patch - 1) // patch).clamp(min=1).to(device)  # time patches touching real frames
-        keep = torch.arange(tokens.shape[1], device=device)[None, :] // grid_f < cols[:, None]
-        out.append(((tokens * keep[..., None]).sum(1) / keep.sum(1, keepdim=True)).float().cpu())
+        keep = (torch.arange(tokens.shape[1], device=device)[None, :] < cols[:, None]).to(tokens.dtype)
+        rows = (tokens * keep[:, :, None, None]).sum(1) / keep.sum(1)[:, None, None]  # (B, Fp, D)
+        out.append((rows.mean(1) if pool == "mean" else rows.flatten(1)).float().cpu())
     encoder.train(was_training)
     return torch.cat(out)
 
@@ -281,7 +285,7 @@ def probe(encoder: VisionTransformer, probe_sets: list[ProbeSet], crop_frames: i
             raise EvalError(f"{probe_set.store}: {probe_set.num_mel_bins} mel bins, the encoder takes "
                             f"{encoder.grid_f * encoder.patch_embed.patch_size}")
         feats = {s: embed(encoder, a, crop_frames, probe_set.mean, probe_set.std, cfg.batch_size, device,
-                          normalize_input) for s, a in probe_set.arrays.items()}
+                          normalize_input, cfg.pool) for s, a in probe_set.arrays.items()}
         linear = linear_probe(feats, probe_set.labels)
         m, prefix = probe_set.metric, f"probe/{probe_set.task}/" if probe_set.task else "probe/"
         metrics |= {f"{prefix}linear_{m}": linear.test, f"{prefix}knn_{m}": knn_probe(feats, probe_set.labels,
@@ -367,8 +371,9 @@ class EvaluateResult:
     tracking_uri: str
 
 
-def format_table(loaded: LoadedEncoder, probe_sets: list[ProbeSet], metrics: dict[str, float], k: int) -> str:
-    lines = [f"encoder: {loaded.source}", f"store:   {probe_sets[0].store}"]
+def format_table(loaded: LoadedEncoder, probe_sets: list[ProbeSet], metrics: dict[str, float], cfg: EvalConfig) -> str:
+    pooling = "all real tokens" if cfg.pool == "mean" else "time, per frequency row (rows concatenated)"
+    lines = [f"encoder: {loaded.source}", f"store:   {probe_sets[0].store}", f"pooled:  over {pooling}"]
     for p in probe_sets:
         m, prefix = p.metric, f"probe/{p.task}/" if p.task else "probe/"
         counts = ", ".join(f"{s} {len(a)}" for s, a in p.arrays.items())
@@ -377,7 +382,7 @@ def format_table(loaded: LoadedEncoder, probe_sets: list[ProbeSet], metrics: dic
         lines += [f"{'task ' + p.task if p.task else 'clips'}: {counts}; {n_classes} classes, {kind}",
                   f"  linear probe (L2 {metrics[prefix + 'linear_l2']:g} chosen on val)  "
                   f"{100 * metrics[f'{prefix}linear_{m}']:6.1f}%",
-                  f"  kNN (k={k}, cosine)                         {100 * metrics[f'{prefix}knn_{m}']:6.1f}%"]
+                  f"  kNN (k={cfg.knn_k}, cosine)                         {100 * metrics[f'{prefix}knn_{m}']:6.1f}%"]
     return "\n".join(lines)
 
 
@@ -399,14 +404,14 @@ def run_evaluate(cfg: Config, checkpoint: str, store: str | Path | None = None) 
                                      parent_run_id=parent["mlflow_run_id"] if parent else None)
     try:  # from here on a failure marks the MLflow run FAILED
         tracker.log_params({"checkpoint": loaded.source, "store": str(probe_sets[0].store),
-                            "eval.encoder": cfg.eval.encoder, "eval.knn_k": cfg.eval.knn_k,
+                            "eval.encoder": cfg.eval.encoder, "eval.pool": cfg.eval.pool, "eval.knn_k": cfg.eval.knn_k,
                             **{f"classes{'.' + p.task if p.task else ''}": len(p.labels["train"].classes)
                                for p in probe_sets},
                             **{f"clips.{s}": sum(len(p.arrays[s]) for p in probe_sets) for s in SPLITS}})
         metrics = probe(loaded.encoder.to(device), probe_sets, loaded.crop_frames, cfg.eval, device,
                         loaded.normalize_input)
         tracker.log_metrics(metrics, loaded.step)
-        table = format_table(loaded, probe_sets, metrics, cfg.eval.knn_k)
+        table = format_table(loaded, probe_sets, metrics, cfg.eval)
         results = out / name / "results.json"
         results.parent.mkdir(parents=True, exist_ok=True)
         results.write_text(json.dumps({"checkpoint": loaded.source, "store": probe_sets[0].store,
