@@ -380,7 +380,7 @@ def config_from_dict(data: dict[str, Any], overrides: list[str] = (), source: st
         cfg = _build(Config, merged, "")
         cfg.validate()
     except ConfigError as exc:
-        raise ConfigError(f"{source}: {exc}") from None
+        raise ConfigError(f"{source}: {exc}" if source else str(exc)) from None
     return cfg
 
 

@@ -87,6 +87,18 @@ class SearchSpace:
     def grid_size(self) -> int:
         return math.prod(len(p.args) for p in self.params if p.kind == "grid")
 
+    def check(self, base: Config, check: Callable[[Config], None]) -> None:
+        """Each choice and grid value, and each end of a range, set on `base` must make a valid config that
+        `check` (the job's own checks: masks, store) accepts; the error names the file, the key and the value."""
+        base_dict = base.to_dict()
+        for param in self.params:
+            for value in (param.args if param.kind in ("choice", "grid") else param.args[:2]):
+                try:
+                    check(with_params(base_dict, {param.key: value}))
+                except ConfigError as exc:
+                    raise ConfigError(f"{self.source}: {param.key}: the value {_text(value)} is refused "
+                                      f"({exc})") from None
+
     def param_space(self, seeds: list[int]) -> dict[str, Any]:
         """Tune's param_space: the swept keys, and run.seed as a grid over `seeds` when there are several."""
         from ray import tune
@@ -101,8 +113,9 @@ def _text(value: Any) -> str:
     return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
 
 
-def with_params(base: dict[str, Any], params: dict[str, Any], source: str) -> Config:
-    """The config `base` (Config.to_dict()) with `params` (`section.key: value`) set, validated."""
+def with_params(base: dict[str, Any], params: dict[str, Any], source: str = "") -> Config:
+    """The config `base` (Config.to_dict()) with `params` (`section.key: value`) set, validated; errors name
+    `source` first, when given."""
     data = {section: dict(values) for section, values in base.items()}
     for key, value in params.items():
         section, name = key.split(".")
@@ -120,10 +133,11 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def load_space(path: str | Path, base: Config, check: Callable[[Config], None], seeds: int = 1) -> SearchSpace:
+def load_space(path: str | Path, base: Config, seeds: int = 1) -> SearchSpace:
     """Read and check a search space file. Every error is a ConfigError naming the file and the key: an unknown
     or fixed key, a malformed distribution, a bad range, a kind that does not fit the field's type, and a value
-    the config or the job's `check` would refuse (each choice and grid value, each end of a range)."""
+    the config would refuse (each choice and grid value, each end of a range). `SearchSpace.check` adds the
+    job's own checks."""
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text())
@@ -138,14 +152,9 @@ def load_space(path: str | Path, base: Config, check: Callable[[Config], None], 
     if seeds > 1 and SEED_KEY in data:
         raise ConfigError(f"{path}: {SEED_KEY}: --seeds {seeds} repeats every configuration over run.seed; "
                           "sweep it or use --seeds, not both")
-    base_dict = base.to_dict()
-    for param in params:
-        for value in (param.args if param.kind in ("choice", "grid") else param.args[:2]):
-            try:
-                check(with_params(base_dict, {param.key: value}, str(path)))
-            except ConfigError as exc:
-                raise ConfigError(f"{path}: {param.key}: the value {_text(value)} is refused ({exc})") from None
-    return SearchSpace(str(path), params)
+    space = SearchSpace(str(path), params)
+    space.check(base, lambda cfg: None)
+    return space
 
 
 def _param(path: Path, key: str, spec: Any) -> Param:

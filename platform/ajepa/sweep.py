@@ -124,6 +124,9 @@ def max_concurrent(cfg: Config, resources: dict[str, float]) -> int:
 # ------------------------------------------------------------------------------------------- the trials
 
 SWEEP_TAG, TRIAL_TAG, STOP_TAG = "ajepa.sweep", "ajepa.trial", "ajepa.stop_reason"
+# The step and objective of the trial's last report as Tune saw it: a stopped trial's workers may log a step
+# or two more before they die with it.
+STEP_TAG, OBJECTIVE_TAG = "ajepa.last_step", "ajepa.last_objective"
 COMPLETED, STOPPED, FAILED, INTERRUPTED = "completed", "stopped early by ASHA", "failed", "interrupted"
 FINAL = (COMPLETED, STOPPED, FAILED)  # a trial with one of these is done; an interrupted one resumes
 TUNE_DIR, SPACE_FILE = "tune", "space.yaml"  # in the sweep's folder, next to the trials' run folders
@@ -257,10 +260,11 @@ class TrialEnds(tune.Callback):
             tracker.log_params(trial.config)
         else:
             return  # interrupted before its run began: --resume starts it afresh
-        tracker.set_tags({STOP_TAG: reason, **({"ajepa.error": error} if error else {})})
+        last = trial.last_result or {}
+        seen = {STEP_TAG: last["step"], OBJECTIVE_TAG: last.get(setup.metric, math.nan)} if "step" in last else {}
+        tracker.set_tags({STOP_TAG: reason, **seen, **({"ajepa.error": error} if error else {})})
         if status is not None:
             tracker.finish(status)
-        last = trial.last_result or {}
         where = (f"at step {last.get('step')}/{self.total}, {setup.metric} {_text(last.get(setup.metric))}"
                  if reason != FAILED else error)
         print(f"{name} ({_params_text(trial.config)}): {reason} {where}", flush=True)
@@ -309,11 +313,14 @@ def _param_value(text: str) -> Any:
 
 def trial_results(uri: str, parent_run_id: str, keys: list[str], metric: str) -> list[TrialResult]:
     """Every trial of a sweep, from its MLflow child runs: the record that survives an interrupted sweep."""
-    return [TrialResult(run.name, run.tags.get(STOP_TAG, "running"),
-                        int(run.metrics["step"]) if "step" in run.metrics else None,
-                        run.metrics.get(metric, math.nan),
-                        {k: _param_value(run.params[k]) for k in keys if k in run.params}, run.run_id)
-            for run in tracking.child_runs(uri, parent_run_id)]
+    found = []
+    for run in tracking.child_runs(uri, parent_run_id):
+        step = run.tags.get(STEP_TAG, run.metrics.get("step"))
+        objective = float(run.tags.get(OBJECTIVE_TAG, run.metrics.get(metric, math.nan)))
+        params = {k: _param_value(run.params[k]) for k in keys if k in run.params}
+        found.append(TrialResult(run.name, run.tags.get(STOP_TAG, "running"),
+                                 None if step is None else int(float(step)), objective, params, run.run_id))
+    return found
 
 
 def by_config(trials: list[TrialResult], keys: list[str], mode: str) -> list[ConfigResult]:
@@ -499,11 +506,12 @@ def run_sweep(cfg: Config, space_file: str | Path | None, settings: SweepSetting
         raise ConfigError("--space is required: a search space file (see search_spaces/)")
     settings = settings.resolved()
     settings.check(cfg)
+    space = load_space(space_file, cfg, settings.seeds)
     store = runs.resolve_store(cfg, store)
     stats = data.read_stats(store)
     check, checkpoint = _job_check(cfg, settings, store, stats)
     check(cfg)
-    space = load_space(space_file, cfg, check, settings.seeds)
+    space.check(cfg, check)
     seeds = [cfg.run.seed + i for i in range(settings.seeds)]
     keys = space.keys + ([SEED_KEY] if len(seeds) > 1 else [])
     total = settings.num_samples * space.grid_size() * len(seeds)
