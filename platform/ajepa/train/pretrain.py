@@ -115,7 +115,7 @@ class Pretrainer:
             sync = self.net.no_sync() if (not last and self.net is not self.model) else contextlib.nullcontext()
             with sync:
                 with self.amp:
-                    loss, aux = self.net(x, micro.context, micro.targets)
+                    loss, aux = self.net(x, micro.context, micro.targets, micro.context_pad)
                 lap("forward")
                 (loss / len(micro_batches)).backward()
             self._pending.append(torch.stack([loss.detach(), aux["target_std"], aux["pred_std"]]))
