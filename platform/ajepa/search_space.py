@@ -49,7 +49,7 @@ SEED_KEY = "run.seed"
 
 @dataclass(frozen=True)
 class Param:
-    """One swept config key: `values` of a choice or grid, or the [lo, hi] (and q) of a range."""
+    """One swept config key: `args` are a choice's or grid's values, or a range's lo, hi (and q)."""
 
     key: str
     kind: str
@@ -110,6 +110,7 @@ class SearchSpace:
 
 
 def _text(value: Any) -> str:
+    """A value as the space file writes it: rb, 0.0001, [0.85, 1.0]."""
     return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import logging
 import math
 import os
 from collections.abc import Callable, Iterator
@@ -261,13 +262,15 @@ class TrialEnds(tune.Callback):
         else:
             return  # interrupted before its run began: --resume starts it afresh
         last = trial.last_result or {}
-        seen = {STEP_TAG: last["step"], OBJECTIVE_TAG: last.get(setup.metric, math.nan)} if "step" in last else {}
+        reported = "step" in last  # a trial interrupted or failed before its first report has no result
+        seen = {STEP_TAG: last["step"], OBJECTIVE_TAG: last.get(setup.metric, math.nan)} if reported else {}
         tracker.set_tags({STOP_TAG: reason, **seen, **({"ajepa.error": error} if error else {})})
         if status is not None:
             tracker.finish(status)
-        where = (f"at step {last.get('step')}/{self.total}, {setup.metric} {_text(last.get(setup.metric))}"
-                 if reason != FAILED else error)
-        print(f"{name} ({_params_text(trial.config)}): {reason} {where}", flush=True)
+        where = (f": {error}" if reason == FAILED else
+                 f" at step {last['step']}/{self.total}, {setup.metric} {_text(last.get(setup.metric))}" if reported
+                 else " before its first report")
+        print(f"{name} ({_params_text(trial.config)}): {reason}{where}", flush=True)
 
 
 # ---------------------------------------------------------------------------------------------- results
@@ -477,15 +480,23 @@ def _tune_output() -> Iterator[None]:
     from ajepa.runtime import verbose
 
     saved = os.environ.get(NEW_OUTPUT_ENV)
+    tune_log = logging.getLogger("ray.tune.tune")
     if not verbose():
         os.environ[NEW_OUTPUT_ENV] = "0"
+    tune_log.addFilter(_not_tunes_resume_hint)
     try:
         yield
     finally:
+        tune_log.removeFilter(_not_tunes_resume_hint)
         if saved is None:
             os.environ.pop(NEW_OUTPUT_ENV, None)
         else:
             os.environ[NEW_OUTPUT_ENV] = saved
+
+
+def _not_tunes_resume_hint(record: logging.LogRecord) -> bool:
+    """Drops Tune's "resume with Tuner.restore(...)" after a Ctrl-C: the sweep prints its own --resume command."""
+    return not record.getMessage().startswith("Experiment has been interrupted")
 
 
 def run_sweep(cfg: Config, space_file: str | Path | None, settings: SweepSettings, *, store: str | Path | None = None,
