@@ -245,6 +245,20 @@ def test_asha_stops_the_trial_that_falls_behind_and_its_child_run_says_so(tmp_pa
 
 
 @pytest.mark.slow
+def test_a_failed_trial_gets_a_failed_child_run_with_its_error_and_the_sweep_goes_on(tmp_path, tone_store):
+    # The online probe's store is not there: the trial stops before its run begins (a run is made for it).
+    missing = tmp_path / "no-store"
+    space = space_file(tmp_path, f"eval.store: {{choice: ['{missing}']}}\n")
+    result = run_sweep(sweep_cfg(tmp_path), space, SweepSettings(), store=tone_store)
+    (trial,) = result.trials
+    assert trial.reason == FAILED and math.isnan(trial.objective) and result.best is None
+    client, parent, (child,) = runs_of(result.tracking_uri, result.mlflow_run_id)
+    assert parent.info.status == "FINISHED" and parent.data.metrics["trials/failed"] == 1
+    assert child.info.status == "FAILED" and child.data.tags["ajepa.stop_reason"] == FAILED
+    assert child.data.params["eval.store"] == str(missing) and str(missing) in child.data.tags["ajepa.error"]
+
+
+@pytest.mark.slow
 def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, tone_store):
     space = space_file(tmp_path, "optim.lr: {grid: [1.0e-4, 3.0e-4]}\n")
     # Batches of 1: 16 steps in the one epoch; after the second trial's first checkpoint (step 4) it has 12 steps

@@ -252,7 +252,7 @@ class TrialEnds(tune.Callback):
         setup = self.trial_setup
         name, uri, parent = str(trial), setup.tracking_uri, setup.parent_run_id
         found = tracking.child_runs(uri, parent, {TRIAL_TAG: name})
-        error = (str(trial.get_error() or "").strip().splitlines() or ["unknown error"])[-1] if reason == FAILED else ""
+        error = _error(trial) if reason == FAILED else ""
         if found:
             tracker = tracking.Tracker(uri, found[-1].run_id)
         elif reason == FAILED:
@@ -271,6 +271,14 @@ class TrialEnds(tune.Callback):
                  f" at step {last['step']}/{self.total}, {setup.metric} {_text(last.get(setup.metric))}" if reported
                  else " before its first report")
         print(f"{name} ({_params_text(trial.config)}): {reason}{where}", flush=True)
+
+
+def _error(trial: Any) -> str:
+    """The last line of a failed trial's error (the exception). Tune writes it to the trial's local folder before
+    it calls the callbacks; its copy in the sweep's storage comes later."""
+    path = Path(trial.error_file) if trial.error_file else None
+    lines = path.read_text().strip().splitlines() if path and path.exists() else []
+    return lines[-1] if lines else "unknown error"
 
 
 # ---------------------------------------------------------------------------------------------- results
