@@ -20,7 +20,8 @@ system-deps:
 demo: venv system-deps
 	$(PY) jobs/demo.py --out runs
 
-test: venv system-deps
+test: venv
+	bash scripts/system_deps.sh test
 	$(PY) -m pytest -q
 
 lint: venv

@@ -16,6 +16,7 @@ from ajepa.masking import (
     curriculum,
     mask_stats,
     plot_mask_examples,
+    rb_extent,
     sample_masks,
     tf_extent,
     tf_probability,
@@ -103,6 +104,65 @@ def test_tf_targets_are_time_stripes_or_frequency_bands(grid):
             assert CFG.tf_band_rows[0] <= rows <= CFG.tf_band_rows[1]
             assert tf_extent(lo, rows, grid)[0] <= int(dt[0, 0]) <= tf_extent(hi, rows, grid)[0]
     assert kinds == {"time", "band"}
+
+
+@pytest.mark.parametrize("grid", GRIDS)
+def test_tf_stripes_per_block_mix_time_stripes_and_bands_in_one_clip_and_still_stack(grid):
+    t, f = grid
+    cfg = dataclasses.replace(CFG, tf_stripes="block")
+    validate_masks(dataclasses.replace(cfg, schedule="tf"), grid)
+    mixed = 0
+    for step in range(30):
+        masks = _sample(grid, "tf", step=step, batch_size=16, cfg=cfg)
+        _assert_valid(masks, cfg)
+        dt, df = _extents(masks.targets, f)
+        nt = masks.targets.shape[-1]  # one patch count for every block: (B, K, Nt) stacks
+        assert (dt * df == nt).all(), "every block is a solid rectangle of Nt patches"
+        stripe = df == f  # a time stripe spans every frequency row; a band 1 or 2 of them, w*F/rows long
+        assert ((df[~stripe] >= 1) & (df[~stripe] <= 2)).all() and (dt[~stripe] == nt // df[~stripe]).all()
+        mixed += int((stripe.any(1) & (~stripe).any(1)).sum())
+    assert mixed > 0, "no clip held both a time stripe and a band"
+    if f == 8:  # a 3-row band cannot hold a time stripe's w*8 patches
+        with pytest.raises(ConfigError, match="^mask.tf_band_rows: with mask.tf_stripes=block a band of 3 rows"):
+            validate_masks(dataclasses.replace(cfg, schedule="tf", tf_band_rows=(2, 3)), grid)
+
+
+def test_tf_stripes_per_batch_stay_the_default_one_kind_a_batch():
+    for step in range(30):
+        _, df = _extents(_sample((64, 8), "tf", step=step, batch_size=16).targets, 8)
+        assert (df == df[0, 0]).all()
+
+
+def test_absolute_block_geometry_is_ijepas_and_shrinks_the_context_on_a_long_grid():
+    # I-JEPA on its square 14x14 grid: sides from int(s * 196) patches, kept inside the grid.
+    assert rb_extent(0.15, 1.0, (14, 14), "absolute") == (5, 5)  # int(29.4) = 29 -> sqrt 5.4
+    assert rb_extent(0.2, 1.5, (14, 14), "absolute") == (8, 5)  # 39 patches: sqrt(58.5), sqrt(26)
+    assert rb_extent(1.0, 1.0, (14, 14), "absolute") == (13, 13)  # never the whole axis
+    # On 64x8 the same arithmetic makes a context block 23 patches long and as tall as it can be (7 of 8 rows)
+    assert rb_extent(1.0, 1.0, (64, 8), "absolute") == (23, 7)
+    assert rb_extent(1.0, 1.0, (64, 8)) == (64, 8)  # normalised: the whole grid
+    cfg = dataclasses.replace(CFG, block_geometry="absolute")
+    for step in range(10):
+        _assert_valid(_sample((64, 8), "rb", step=step, batch_size=32, cfg=cfg), cfg)
+    absolute, normalised = mask_stats(cfg, (64, 8), 20, 16, 0), mask_stats(CFG, (64, 8), 20, 16, 0)
+    assert absolute["rb/context_fraction_untruncated"] < 0.2 < 0.4 < normalised["rb/context_fraction_untruncated"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_padded_contexts_keep_every_context_patch(family):
+    cfg = dataclasses.replace(CFG, pad_context=True)
+    padded = _sample((64, 8), family, step=3, batch_size=32, cfg=cfg)
+    truncated = _sample((64, 8), family, step=3, batch_size=32)
+    assert truncated.context_pad is None and torch.equal(padded.targets, truncated.targets)
+    counts = (~padded.context_pad).sum(1)
+    assert padded.context.shape[1] == int(counts.max()) >= truncated.context.shape[1] == int(counts.min())
+    for row, pad, target in zip(padded.context, padded.context_pad, padded.targets, strict=True):
+        real = row[~pad]
+        assert (real.diff() > 0).all() and (row[pad] == real[0]).all()  # sorted, then padded with its first
+        assert not torch.isin(real, target.flatten()).any()
+    assert padded.context_fraction == pytest.approx(counts.double().mean().item() / 512)
+    if family == "rb":  # what truncation throws away: ~14 points of context on the 64x8 grid
+        assert padded.context_fraction > truncated.context_fraction + 0.05
 
 
 @pytest.mark.parametrize("grid", GRIDS)

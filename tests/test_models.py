@@ -79,6 +79,26 @@ def test_predictor_blocks_are_independent() -> None:
         torch.testing.assert_close(out[:, j], alone[:, 0], rtol=1e-5, atol=1e-5)
 
 
+def test_padded_contexts_give_each_clip_what_it_gets_alone() -> None:
+    """mask.pad_context: a clip whose context is padded to the batch's longest predicts exactly what it predicts
+    from its own context alone, unpadded: the padding reaches no query in the context encoder or the predictor."""
+    model = AJEPA(TINY, max_frames=128).eval()
+    x = torch.randn(2, 128, 128)
+    ctx_idx, tgt_idx = make_masks(2, 64, 20, 3, 6)
+    lengths = (20, 13)  # clip 1 keeps 13 context patches; its last 7 slots repeat its first patch
+    ctx_idx[1, 13:] = ctx_idx[1, 0]
+    pad = torch.arange(20)[None, :] >= torch.tensor(lengths)[:, None]
+    with torch.no_grad():
+        batched = model.predictor(model.context_encoder(x, keep=ctx_idx, key_mask=pad), ctx_idx, tgt_idx, pad)
+        for i, n in enumerate(lengths):
+            keep = ctx_idx[i:i + 1, :n]
+            alone = model.predictor(model.context_encoder(x[i:i + 1], keep=keep), keep, tgt_idx[i:i + 1])
+            torch.testing.assert_close(batched[i], alone[0], rtol=1e-5, atol=1e-5)
+        loss, _ = model(x, ctx_idx, tgt_idx, pad)
+        unmasked, _ = model(x, ctx_idx, tgt_idx)
+    assert torch.isfinite(loss) and not torch.equal(loss, unmasked), "without the mask the padding is seen"
+
+
 def test_target_encoder_gets_no_gradient() -> None:
     model = AJEPA(TINY)
     assert all(not p.requires_grad for p in model.target_encoder.parameters())
@@ -124,7 +144,8 @@ class _Oracle(nn.Module):
         super().__init__()
         self.target, self.offset = target, offset
 
-    def forward(self, ctx: torch.Tensor, ctx_idx: torch.Tensor, tgt_idx: torch.Tensor) -> torch.Tensor:
+    def forward(self, ctx: torch.Tensor, ctx_idx: torch.Tensor, tgt_idx: torch.Tensor,
+                ctx_pad: torch.Tensor | None = None) -> torch.Tensor:
         return self.target + self.offset
 
 

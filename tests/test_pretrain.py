@@ -42,6 +42,21 @@ def test_loss_falls_and_schedules_follow_the_step():
     assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(expected_lr)
 
 
+@pytest.mark.parametrize("option", ["mask.pad_context=true", "mask.tf_stripes=block", "mask.block_geometry=absolute"])
+def test_the_masking_options_train(option):
+    """Each ablation option of the masks goes through the whole step: plan, prefetch-ready batch, model, loss."""
+    torch.manual_seed(0)
+    trainer = Pretrainer(micro_cfg(option, "mask.schedule=mixture"), mean=-8.0, std=4.0, device=torch.device("cpu"))
+    padded = trainer.plan(0, [fake_batch(0)])[0].context_pad
+    assert (padded is not None) == (option == "mask.pad_context=true")
+    losses = []
+    for _ in range(20):
+        info = trainer.train_step([fake_batch(0)])
+        losses.append(trainer.metrics()["loss"])
+        assert 0 < info["context_fraction"] < 1
+    assert all(np.isfinite(losses)) and np.mean(losses[-5:]) < np.mean(losses[:5])
+
+
 def test_resume_from_a_checkpoint_is_exact(tmp_path):
     """Same step, same schedules, same masks and augmentation: bit-identical weights to an unbroken run."""
     batches = [fake_batch(i) for i in range(6)]

@@ -69,6 +69,33 @@ def _parser() -> argparse.ArgumentParser:
     _common(demo)
     demo.set_defaults(func=run_demo, config=config_path("demo"))
 
+    sw = sub.add_parser("sweep", help="Ray Tune sweep of pretraining (or fine-tuning) runs over a search space file, "
+                                      "ASHA on the online probe, one MLflow parent run with a child run per trial")
+    _common(sw)
+    sw.add_argument("--space", type=Path, default=None,
+                    help="search space YAML, e.g. search_spaces/mask_curriculum.yaml (required unless --resume)")
+    sw.add_argument("--job", choices=("pretrain", "finetune"), default="pretrain", help="what each trial runs")
+    sw.add_argument("--data", default=None, help="spectrogram store (default: data.store, else the demo store)")
+    sw.add_argument("--checkpoint", default=None, metavar="RUN_OR_PATH",
+                    help="--job finetune: the encoder every trial starts from (as finetune's --checkpoint)")
+    sw.add_argument("--num-samples", type=int, default=1,
+                    help="draws of the space's random keys; each runs with every grid value and seed")
+    sw.add_argument("--seeds", type=int, default=1,
+                    help="repeat each configuration with K seeds (run.seed, run.seed+1, ...): mean and spread")
+    sw.add_argument("--steps", type=int, default=None, help="every trial's optimizer steps")
+    sw.add_argument("--scheduler", choices=("asha", "fifo"), default="asha",
+                    help="asha stops trials that fall behind at 1, 2, 4, ... objective reports; fifo runs all")
+    sw.add_argument("--metric", default="",
+                    help="the objective (default: probe/linear_acc for pretrain, val/acc for finetune)")
+    sw.add_argument("--mode", choices=("max", "min"), default="max", help="whether the objective is maximised")
+    sw.add_argument("--max-concurrent", type=int, default=None,
+                    help="trials at once (default: as many as the cluster's CPUs and GPUs hold)")
+    sw.add_argument("--workers", type=int, default=None, help="Ray Train workers of each trial")
+    sw.add_argument("--gpus-per-worker", type=float, default=None)
+    sw.add_argument("--resume", default=None, metavar="SWEEP_OR_PATH",
+                    help="continue an interrupted sweep (name under --out, or its folder): finished trials stay done")
+    sw.set_defaults(func=sweep)
+
     ev = sub.add_parser("evaluate", help="linear probe and kNN on a frozen encoder")
     _common(ev)
     ev.add_argument("--checkpoint", required=True, metavar="RUN_OR_PATH",
@@ -145,6 +172,27 @@ def finetune(args: argparse.Namespace) -> int:
     print(f"checkpoint: {result.checkpoint}")
     print(f"model weights: {result.model}")
     print(f"MLflow run {result.mlflow_run_id}; open with: {ui_command(result.tracking_uri)}")
+    return 0
+
+
+def sweep(args: argparse.Namespace) -> int:
+    from ajepa.sweep import FINAL, JOBS, SweepSettings, run_sweep
+    from ajepa.tracking import ui_command
+
+    overrides = _job_overrides(args, JOBS[args.job].steps_key)
+    cfg = load_config(args.config, overrides)
+    settings = SweepSettings(args.job, args.num_samples, args.seeds, args.scheduler, args.max_concurrent, args.metric,
+                             args.mode, args.checkpoint)
+    result = run_sweep(cfg, args.space, settings, store=args.data, resume=args.resume,
+                       overrides=overrides if args.resume else ())
+    counts = ", ".join(f"{sum(t.reason == r for t in result.trials)} {r}" for r in FINAL)
+    print(f"\nswept {result.name}: {len(result.trials)} trials ({counts}); configurations, best first:")
+    print(result.table)
+    if result.best is not None:
+        params = ", ".join(f"{k}={v}" for k, v in result.best.params.items())
+        print(f"best trial: {result.best.name} ({params}): {result.best.objective:.4g}")
+    print(f"results: {result.results}")
+    print(f"MLflow parent run {result.mlflow_run_id}; open with: {ui_command(result.tracking_uri)}")
     return 0
 
 

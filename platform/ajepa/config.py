@@ -103,6 +103,8 @@ class ModelConfig:
 
 
 MASK_SCHEDULES = ("curriculum", "rb", "tf", "mixture", "inverse", "random")
+BLOCK_GEOMETRIES = ("normalised", "absolute")
+TF_STRIPES = ("batch", "block")
 
 
 @dataclass
@@ -122,6 +124,15 @@ class MaskConfig:
     tf_time_stripe_prob: float = 0.5  # else a frequency band
     tf_band_rows: tuple[int, int] = (1, 2)  # frequency rows of a band
     random_target_ratio: float = 0.5  # unstructured masking: fraction of patches that are targets
+    # Block sides (RB targets, context block): normalised, from the scale per axis (method.md §3's choice), or
+    # absolute, I-JEPA's arithmetic on the patch count as on a square grid (on 64x8 the context falls to ~13%).
+    block_geometry: str = "normalised"
+    # TF stripe kind: one for every target block of a batch, or one per block (time stripes and frequency bands
+    # in one clip; each band then holds as many patches as a time stripe, so the blocks still stack).
+    tf_stripes: str = "batch"
+    # Contexts of a batch: truncated to the shortest (I-JEPA), or padded to the longest with a key mask that
+    # hides the padding from every query in the context encoder and the predictor.
+    pad_context: bool = False
 
     def validate(self, prefix: str = "mask") -> None:
         _check(self.schedule in MASK_SCHEDULES, f"{prefix}.schedule",
@@ -138,6 +149,10 @@ class MaskConfig:
         _check(0 <= self.tf_time_stripe_prob <= 1, f"{prefix}.tf_time_stripe_prob", "must be in [0, 1]")
         _check_range(f"{prefix}.tf_band_rows", self.tf_band_rows, 1, 10_000)
         _check(0 < self.random_target_ratio < 1, f"{prefix}.random_target_ratio", "must be in (0, 1)")
+        _check(self.block_geometry in BLOCK_GEOMETRIES, f"{prefix}.block_geometry",
+               f"must be one of {', '.join(BLOCK_GEOMETRIES)}, got {self.block_geometry!r}")
+        _check(self.tf_stripes in TF_STRIPES, f"{prefix}.tf_stripes",
+               f"must be one of {', '.join(TF_STRIPES)}, got {self.tf_stripes!r}")
 
 
 @dataclass
@@ -388,7 +403,7 @@ def config_from_dict(data: dict[str, Any], overrides: list[str] = (), source: st
         cfg = _build(Config, merged, "")
         cfg.validate()
     except ConfigError as exc:
-        raise ConfigError(f"{source}: {exc}") from None
+        raise ConfigError(f"{source}: {exc}" if source else str(exc)) from None
     return cfg
 
 

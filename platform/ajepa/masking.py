@@ -38,6 +38,9 @@ class MaskBatch:
     targets: torch.Tensor  # (B, K, Nt) int64, sorted per block: patches the predictor must predict
     family: str  # "rb" | "tf" | "random"
     grid: Grid
+    # mask.pad_context: (B, Nc) bool, True where a row of `context` is padding (after its sorted patches;
+    # it repeats one of them, and the model hides it as a key); None when contexts are truncated
+    context_pad: torch.Tensor | None = None
 
     @property
     def num_patches(self) -> int:
@@ -45,7 +48,10 @@ class MaskBatch:
 
     @property
     def context_fraction(self) -> float:
-        return self.context.shape[1] / self.num_patches
+        """Mean share of the grid the context encoder sees per sample (padding excluded)."""
+        if self.context_pad is None:
+            return self.context.shape[1] / self.num_patches
+        return float((~self.context_pad).sum(1).double().mean()) / self.num_patches
 
     @property
     def target_fraction(self) -> float:
@@ -97,46 +103,68 @@ def _clip(n: float, length: int) -> int:
     return min(max(round(n), 1), length)
 
 
-def rb_extent(scale: float, aspect: float, grid: Grid) -> tuple[int, int]:
-    """(time, frequency) extent of a block covering `scale` of the grid in normalised coordinates.
+def rb_extent(scale: float, aspect: float, grid: Grid, geometry: str = "normalised") -> tuple[int, int]:
+    """(time, frequency) extent of a block covering `scale` of the grid.
 
-    I-JEPA's square-grid arithmetic would make blocks far too tall on a 64×8 grid (method.md §3)."""
+    normalised: sides from the scale in normalised coordinates, round(sqrt(s·r)·T) by round(sqrt(s/r)·F).
+    absolute: I-JEPA's, sides from the patch count as on a square grid, round(sqrt(int(s·T·F)·r)) by
+    round(sqrt(int(s·T·F)/r)), each kept strictly inside its axis (as I-JEPA shrinks a side that fills it);
+    on a 64×8 grid that makes blocks far too tall (method.md §3), which is what an ablation measures."""
     t, f = grid
+    if geometry == "absolute":
+        keep = int(scale * t * f)
+        return _clip(math.sqrt(keep * aspect), max(t - 1, 1)), _clip(math.sqrt(keep / aspect), max(f - 1, 1))
     return _clip(math.sqrt(scale * aspect) * t, t), _clip(math.sqrt(scale / aspect) * f, f)
 
 
-def tf_extent(scale: float, band_rows: int | None, grid: Grid) -> tuple[int, int]:
-    """A time stripe (band_rows None: every frequency row) or a frequency band of `band_rows` rows."""
+def tf_extent(scale: float, band_rows: int | None, grid: Grid, equal_area: bool = False) -> tuple[int, int]:
+    """A time stripe (band_rows None: every frequency row) or a frequency band of `band_rows` rows. With
+    `equal_area` a band holds exactly the patches of the time stripe of this scale (w·F / rows columns), so
+    stripes and bands stack as blocks of one batch (mask.tf_stripes=block; validate_masks checks it fits)."""
     t, f = grid
     if band_rows is None:
         return _clip(scale * t, t), f
     rows = min(band_rows, f)
+    if equal_area:
+        return _clip(scale * t, t) * f // rows, rows
     return _clip(scale * t * f / rows, t), rows
 
 
 @dataclass(frozen=True)
 class _Blocks:
-    """One batch's block sizes as (time, frequency) extents: k identical target blocks and a context block.
+    """One batch's block sizes as (time, frequency) extents: one per target block, and a context block.
 
-    All k targets share one size (I-JEPA draws one target size per batch too), so (B, K, Nt) stacks
-    without truncating a stripe into scattered patches."""
+    Every target block holds the same number of patches, so (B, K, Nt) stacks without truncating a stripe into
+    scattered patches: RB targets share one size (I-JEPA draws one target size per batch too), TF blocks one
+    stripe kind or, per block, a time stripe or a band of the same area."""
 
-    k: int
-    target: tuple[int, int]
+    targets: tuple[tuple[int, int], ...]
     context: tuple[int, int]
+
+    @property
+    def k(self) -> int:
+        return len(self.targets)
 
 
 def _block_sizes(cfg: MaskConfig, family: str, grid: Grid, rng: np.random.Generator) -> _Blocks:
     if family == "rb":
-        target = rb_extent(rng.uniform(*cfg.rb_target_scale), rng.uniform(*cfg.rb_aspect_ratio), grid)
-        k = cfg.rb_num_targets
+        target = rb_extent(rng.uniform(*cfg.rb_target_scale), rng.uniform(*cfg.rb_aspect_ratio), grid,
+                           cfg.block_geometry)
+        targets = (target,) * cfg.rb_num_targets
     else:
         scale = rng.uniform(*cfg.tf_target_scale)
-        is_time_stripe = rng.random() < cfg.tf_time_stripe_prob
-        rows = None if is_time_stripe else int(rng.integers(cfg.tf_band_rows[0], cfg.tf_band_rows[1] + 1))
-        target = tf_extent(scale, rows, grid)
-        k = cfg.tf_num_targets
-    return _Blocks(k, target, rb_extent(rng.uniform(*cfg.context_scale), 1.0, grid))
+        per_block = cfg.tf_stripes == "block"
+        kinds = [_tf_rows(cfg, rng) for _ in range(cfg.tf_num_targets if per_block else 1)]
+        targets = tuple(tf_extent(scale, rows, grid, per_block) for rows in kinds)
+        targets = targets if per_block else targets * cfg.tf_num_targets
+    return _Blocks(targets, rb_extent(rng.uniform(*cfg.context_scale), 1.0, grid, cfg.block_geometry))
+
+
+def _tf_rows(cfg: MaskConfig, rng: np.random.Generator) -> int | None:
+    """A stripe kind: None for a time stripe, else the rows of a frequency band."""
+    if rng.random() < cfg.tf_time_stripe_prob:
+        return None
+    return int(rng.integers(cfg.tf_band_rows[0], cfg.tf_band_rows[1] + 1))
 
 
 # ------------------------------------------------------------------------------------------- placement
@@ -163,9 +191,10 @@ def _place(blocks: _Blocks, grid: Grid, n: int, rng: np.random.Generator) -> tup
 
     Returns the context (n, N) boolean = context block minus the targets, and target indices (n, K, Nt)."""
     num = grid[0] * grid[1]
-    target_starts = rng.integers(0, np.subtract(grid, blocks.target) + 1, size=(n, blocks.k, 2))
+    target_starts = rng.integers(0, np.subtract(grid, np.array(blocks.targets)) + 1, size=(n, blocks.k, 2))
     context_starts = rng.integers(0, np.subtract(grid, blocks.context) + 1, size=(n, 2))
-    targets = _rect_indices(target_starts, blocks.target, grid[1])
+    targets = np.stack([_rect_indices(target_starts[:, j], extent, grid[1])
+                        for j, extent in enumerate(blocks.targets)], axis=1)
     context = _rect_mask(context_starts, blocks.context, grid)
     context.reshape(-1)[(targets.reshape(n, -1) + num * np.arange(n)[:, None]).ravel()] = False
     return context, targets
@@ -215,8 +244,18 @@ def _impossible(cfg: MaskConfig, family: str, grid: Grid, problem: str) -> Confi
 
 
 def _blocks_text(blocks: _Blocks) -> str:
-    return (f"{blocks.k} target blocks of {blocks.target} and a context block of {blocks.context} "
-            "(time, freq) patches")
+    sizes = f"{blocks.k} target blocks of {blocks.targets[0]}" if len(set(blocks.targets)) == 1 else \
+        f"target blocks of {', '.join(map(str, blocks.targets))}"
+    return f"{sizes} and a context block of {blocks.context} (time, freq) patches"
+
+
+def _pad(members: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(B, N) boolean -> (B, m) indices, m = the largest row count, each row's patches sorted and then padded
+    with its first patch, and the (B, m) padding mask. Every row keeps every patch."""
+    counts = members.sum(axis=1)
+    order = np.argsort(~members, axis=1, kind="stable")[:, :counts.max()]  # members first, in index order
+    pad = np.arange(order.shape[1])[None, :] >= counts[:, None]
+    return np.where(pad, order[:, :1], order), pad
 
 
 def _truncate(members: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -260,7 +299,8 @@ def sample_masks(
     """Masks for one batch at optimizer `step` on DDP `rank`.
 
     `family` overrides the schedule, for plots and stats. Ranks share the family and the block sizes; the
-    context length Nc can differ between ranks because each truncates to its own batch minimum."""
+    context length Nc can differ between ranks because each truncates to its own batch minimum (or, with
+    mask.pad_context, pads to its own maximum)."""
     batch_rng, pos_rng = _rngs(seed, step, rank)
     # Always consume the family draw so the block sizes do not depend on whether `family` was forced.
     u = batch_rng.random()
@@ -270,6 +310,9 @@ def sample_masks(
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
     context, targets = _untruncated(cfg, family, grid, batch_size, batch_rng, pos_rng)
+    if cfg.pad_context:
+        kept, pad = _pad(context)
+        return MaskBatch(torch.from_numpy(kept), torch.from_numpy(targets), family, grid, torch.from_numpy(pad))
     return MaskBatch(context=torch.from_numpy(_truncate(context, pos_rng)), targets=torch.from_numpy(targets),
                      family=family, grid=grid)
 
@@ -280,14 +323,30 @@ def sample_masks(
 def _worst_sizes(cfg: MaskConfig, family: str, grid: Grid) -> list[_Blocks]:
     """Targets at the top of their scale range (across aspects / stripe kinds) with the smallest context
     block: if these keep min_keep patches, every size draw does."""
-    context = rb_extent(cfg.context_scale[0], 1.0, grid)
+    context = rb_extent(cfg.context_scale[0], 1.0, grid, cfg.block_geometry)
     if family == "rb":
         k = cfg.rb_num_targets
-        targets = {rb_extent(cfg.rb_target_scale[1], r, grid) for r in np.linspace(*cfg.rb_aspect_ratio, 5)}
+        targets = {rb_extent(cfg.rb_target_scale[1], r, grid, cfg.block_geometry)
+                   for r in np.linspace(*cfg.rb_aspect_ratio, 5)}
     else:
         k = cfg.tf_num_targets
-        targets = {tf_extent(cfg.tf_target_scale[1], rows, grid) for rows in (None, *cfg.tf_band_rows)}
-    return [_Blocks(k, target, context) for target in sorted(targets)]
+        targets = {tf_extent(cfg.tf_target_scale[1], rows, grid, cfg.tf_stripes == "block")
+                   for rows in (None, *cfg.tf_band_rows)}
+    return [_Blocks((target,) * k, context) for target in sorted(targets)]
+
+
+def _check_equal_area_bands(cfg: MaskConfig, grid: Grid) -> None:
+    """mask.tf_stripes=block: every band must hold exactly a time stripe's w·F patches within the grid."""
+    t, f = grid
+    for rows in range(cfg.tf_band_rows[0], min(cfg.tf_band_rows[1], f) + 1):
+        if f % rows:
+            raise ConfigError(f"mask.tf_band_rows: with mask.tf_stripes=block a band of {rows} rows must hold a "
+                              f"time stripe's patches, but {rows} does not divide the {f} frequency rows")
+    columns, _ = tf_extent(cfg.tf_target_scale[1], cfg.tf_band_rows[0], grid, equal_area=True)
+    if columns > t:
+        raise ConfigError(f"mask.tf_target_scale: with mask.tf_stripes=block a {cfg.tf_band_rows[0]}-row band "
+                          f"as large as a time stripe at scale {cfg.tf_target_scale[1]} spans {columns} time "
+                          f"patches, more than the grid's {t}")
 
 
 def validate_masks(cfg: MaskConfig, grid: Grid) -> None:
@@ -310,12 +369,14 @@ def validate_masks(cfg: MaskConfig, grid: Grid) -> None:
                 raise _impossible(cfg, family, grid, f"random masks leave only {kept} of {num} patches "
                                                      "as context, fewer than mask.min_keep")
         else:
+            if family == "tf" and cfg.tf_stripes == "block":
+                _check_equal_area_bands(cfg, grid)
             _check_block_family(cfg, family, grid, rng)
         sample_masks(cfg, grid, 64, step=0, total_steps=1, seed=0, family=family)
 
 
 def _check_block_family(cfg: MaskConfig, family: str, grid: Grid, rng: np.random.Generator) -> None:
-    ct, cf = rb_extent(cfg.context_scale[0], 1.0, grid)
+    ct, cf = rb_extent(cfg.context_scale[0], 1.0, grid, cfg.block_geometry)
     if ct * cf < cfg.min_keep:
         raise ConfigError(f"mask.context_scale: the smallest context block ({ct}x{cf} patches at scale "
                           f"{cfg.context_scale[0]}) is below mask.min_keep={cfg.min_keep} on a "

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from pathlib import Path
 
 import ajepa
 
 VERBOSE_ENV = "AJEPA_VERBOSE"
 STARTUP_CONCURRENCY = 8
+API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"  # where Ray's State API clients in workers find the dashboard
 
 
 def package_dir() -> str:
@@ -46,16 +48,29 @@ def init_ray(num_cpus: int | None = None) -> None:
         ray.init(**kwargs)
     else:
         # "local", not None: None would join any cluster `ray start` left on this machine (even a dead one).
-        # The dashboard serves the State API, which Train V2's placement-group cleaner polls every second.
+        # The dashboard serves the State API, which Train V2's placement-group cleaner polls every second: when
+        # a Train controller dies (a sweep trial that ASHA stopped is killed with it), the cleaner frees its
+        # workers' placement group. Without an address it guesses the cluster from the Ray instances running on
+        # the machine and fails when there are several, and the group's CPUs stay reserved for good: so the
+        # workers are told this cluster's dashboard.
         # Train V2 (controller, placement-group cleaner, workers), Ray Data (split coordinator, tasks) and our
         # progress queue start 8 or more Python processes, nearly all idle and CPU-free; the raylet expects
         # at most 4x `worker_maximum_startup_concurrency` (default: the CPU count, 2 on a laptop-sized
         # node) and warns mid-run otherwise. Sized for what these jobs really start.
+        dashboard = _free_port()
+        env_vars[API_SERVER_ENV] = f"http://127.0.0.1:{dashboard}"
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                 dashboard_port=dashboard,
                  _system_config={"worker_maximum_startup_concurrency": max(num_cpus or os.cpu_count() or 1,
                                                                            STARTUP_CONCURRENCY)},
                  **kwargs)
     ray.data.DataContext.get_current().enable_progress_bars = False  # jobs draw their own (progress.py)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _quiet_driver_logs() -> None:

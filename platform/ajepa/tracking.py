@@ -23,6 +23,7 @@ import shlex
 import subprocess
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, Self, TypeVar
@@ -43,6 +44,7 @@ T = TypeVar("T")
 # MLflow's limits (mlflow.utils.validation): longer values are rejected, bigger batches too.
 _MAX_PARAM_LEN, _MAX_TAG_LEN = 6000, 8000
 _MAX_PARAMS_PER_BATCH, _MAX_TAGS_PER_BATCH, _MAX_METRICS_PER_BATCH = 100, 100, 1000
+_MAX_SEARCH_RESULTS = 1000  # runs per page of a search
 
 GIT_COMMIT_TAG = "mlflow.source.git.commit"
 GIT_DIRTY_TAG = "ajepa.git.dirty"
@@ -139,6 +141,42 @@ def find_run(uri: str, experiment: str, run_name: str) -> str | None:
     runs = client.search_runs([exp.experiment_id], f"attributes.run_name = {quote}{run_name}{quote}",
                               max_results=1, order_by=["attributes.start_time DESC"])
     return runs[0].info.run_id if runs else None
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """One run as a search returns it: `metrics` holds each metric's latest value."""
+
+    run_id: str
+    name: str
+    status: str
+    params: dict[str, str]
+    tags: dict[str, str]
+    metrics: dict[str, float]
+
+
+def _tag_filter(tags: Mapping[str, str]) -> str:
+    quoted = []
+    for key, value in tags.items():
+        quote = '"' if "'" in value else "'"
+        quoted.append(f"tags.`{key}` = {quote}{value}{quote}")
+    return " and ".join(quoted)
+
+
+def child_runs(uri: str, parent_run_id: str, tags: Mapping[str, str] | None = None) -> list[RunSummary]:
+    """The runs nested under `parent_run_id` (those with these tag values, when given), oldest first."""
+    client = MlflowClient(uri)
+    experiment_id = client.get_run(parent_run_id).info.experiment_id
+    where = _tag_filter({PARENT_TAG: parent_run_id, **(tags or {})})
+    found, token = [], None
+    while True:
+        page = client.search_runs([experiment_id], where, max_results=_MAX_SEARCH_RESULTS, page_token=token,
+                                  order_by=["attributes.start_time ASC"])
+        found += [RunSummary(r.info.run_id, r.info.run_name, r.info.status, dict(r.data.params), dict(r.data.tags),
+                             dict(r.data.metrics)) for r in page]
+        token = page.token
+        if not token:
+            return found
 
 
 class BaseTracker:

@@ -54,14 +54,16 @@ class AJEPA(nn.Module):
         h = F.layer_norm(h, (h.size(-1),))
         return apply_masks(h, tgt_idx.reshape(b, k * nt)).view(b, k, nt, -1)
 
-    def forward(self, x: Tensor, ctx_idx: Tensor, tgt_idx: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        """x (B, T, F) or (B, 1, T, F), ctx_idx (B, Nc), tgt_idx (B, K, Nt) -> (scalar loss, aux).
+    def forward(self, x: Tensor, ctx_idx: Tensor, tgt_idx: Tensor,
+                ctx_pad: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        """x (B, T, F) or (B, 1, T, F), ctx_idx (B, Nc), tgt_idx (B, K, Nt) -> (scalar loss, aux). ctx_pad (B, Nc),
+        True where ctx_idx is padding (mask.pad_context): hidden as a key in the context encoder and predictor.
 
         aux holds detached monitors (no host sync): `target_std` / `pred_std`, the std of each feature
         across all target tokens of the batch, averaged over features; a collapsing model drives both to 0.
         """
         target = self.targets(x, tgt_idx)
-        pred = self.predictor(self.context_encoder(x, keep=ctx_idx), ctx_idx, tgt_idx)
+        pred = self.predictor(self.context_encoder(x, keep=ctx_idx, key_mask=ctx_pad), ctx_idx, tgt_idx, ctx_pad)
         loss = jepa_loss(pred, target, self.cfg.loss)
         with torch.no_grad():
             aux = {

@@ -189,8 +189,9 @@ class Predictor(nn.Module):
         nn.init.trunc_normal_(self.mask_token, std=0.02)
         _rescale_residuals(self.blocks)
 
-    def forward(self, ctx: Tensor, ctx_idx: Tensor, tgt_idx: Tensor) -> Tensor:
-        """ctx (B, Nc, D) at patch indices ctx_idx (B, Nc); tgt_idx (B, K, Nt) -> predictions (B, K, Nt, D)."""
+    def forward(self, ctx: Tensor, ctx_idx: Tensor, tgt_idx: Tensor, ctx_pad: Tensor | None = None) -> Tensor:
+        """ctx (B, Nc, D) at patch indices ctx_idx (B, Nc); tgt_idx (B, K, Nt) -> predictions (B, K, Nt, D).
+        ctx_pad (B, Nc): True where the context is padding, hidden as a key from every query."""
         b, k, nt = tgt_idx.shape
         nc = ctx.size(1)
         context = self.embed(ctx) + self.pos_embed[ctx_idx]
@@ -201,6 +202,11 @@ class Predictor(nn.Module):
         x = context.new_empty(k * b, nc + nt, context.size(-1))
         x.view(k, b, nc + nt, -1)[:, :, :nc] = context
         x[:, nc:] = queries
-        x = run_blocks(self.blocks, x, [None] * len(self.blocks), self.attention, self.grad_checkpointing)
+        mask = None
+        if ctx_pad is not None:  # every block's rows see their clip's padding; no target query is padding
+            hidden = ctx_pad.new_zeros(k * b, nc + nt)
+            hidden.view(k, b, nc + nt)[:, :, :nc] = ctx_pad
+            mask = _key_attn_mask(hidden)
+        x = run_blocks(self.blocks, x, [mask] * len(self.blocks), self.attention, self.grad_checkpointing)
         x = self.proj(self.norm(x[:, nc:]))
         return x.view(k, b, nt, -1).transpose(0, 1)

@@ -383,11 +383,12 @@ def pretrained_encoder(cfg: Config, checkpoint: str) -> tuple[dict[str, Tensor] 
 
 
 def run_finetune(cfg: Config, checkpoint: str | None = None, *, store: str | Path | None = None,
-                 resume: str | None = None, overrides: list[str] = ()) -> FinetuneResult:
+                 resume: str | None = None, overrides: list[str] = (),
+                 trial: runs.SweepTrial | None = None) -> FinetuneResult:
     """Fine-tune on Ray Train. The checkpoint, the store's labels and the loss are checked before Ray starts."""
     from ajepa import data
 
-    plan = runs.plan_run("finetune", cfg, resume, overrides)
+    plan = runs.plan_run("finetune", cfg, resume, overrides, trial)
     cfg = plan.cfg
     if plan.resumed:
         store, checkpoint = plan.record["store"], plan.record["checkpoint"]

@@ -39,20 +39,25 @@ class MicroBatch:
     family: str
     context_fraction: float
     target_fraction: float
+    context_pad: Tensor | None = None  # (B, Nc) bool with mask.pad_context: True where `context` is padding
 
     def to(self, device: torch.device, non_blocking: bool = False) -> MicroBatch:
+        pad = None if self.context_pad is None else self.context_pad.to(device, non_blocking=non_blocking)
         return dataclasses.replace(self, fbank=self.fbank.to(device, non_blocking=non_blocking),
                                    aug=self.aug.to(device, non_blocking), context=self.context.to(
                                        device, non_blocking=non_blocking),
-                                   targets=self.targets.to(device, non_blocking=non_blocking))
+                                   targets=self.targets.to(device, non_blocking=non_blocking), context_pad=pad)
 
     def pin_memory(self) -> MicroBatch:
         fbank = self.fbank if self.fbank.is_pinned() else self.fbank.pin_memory()
+        pad = None if self.context_pad is None else self.context_pad.pin_memory()
         return dataclasses.replace(self, fbank=fbank, aug=self.aug.pin_memory(),
-                                   context=self.context.pin_memory(), targets=self.targets.pin_memory())
+                                   context=self.context.pin_memory(), targets=self.targets.pin_memory(),
+                                   context_pad=pad)
 
     def tensors(self) -> tuple[Tensor, ...]:
-        return self.fbank, self.aug.frames, self.aug.gain, self.context, self.targets
+        pad = () if self.context_pad is None else (self.context_pad,)
+        return self.fbank, self.aug.frames, self.aug.gain, self.context, self.targets, *pad
 
 
 def plan_step(cfg: Config, grid: Grid, rank: int, step: int, batches: list[HostBatch]) -> list[MicroBatch]:
@@ -69,7 +74,7 @@ def plan_step(cfg: Config, grid: Grid, rank: int, step: int, batches: list[HostB
         masks = sample_masks(cfg.mask, grid, fbank.shape[0], step=step, total_steps=cfg.optim.steps,
                              seed=cfg.run.seed, rank=rank * accum + micro)
         planned.append(MicroBatch(step, fbank, aug, masks.context, masks.targets, masks.family,
-                                  masks.context_fraction, masks.target_fraction))
+                                  masks.context_fraction, masks.target_fraction, masks.context_pad))
     return planned
 
 

@@ -115,7 +115,7 @@ class Pretrainer:
             sync = self.net.no_sync() if (not last and self.net is not self.model) else contextlib.nullcontext()
             with sync:
                 with self.amp:
-                    loss, aux = self.net(x, micro.context, micro.targets)
+                    loss, aux = self.net(x, micro.context, micro.targets, micro.context_pad)
                 lap("forward")
                 (loss / len(micro_batches)).backward()
             self._pending.append(torch.stack([loss.detach(), aux["target_std"], aux["pred_std"]]))
@@ -265,12 +265,12 @@ def _check_eval_store(cfg: Config, store: Path) -> str:
 
 
 def run_pretrain(cfg: Config, *, store: str | Path | None = None, resume: str | None = None,
-                 overrides: list[str] = ()) -> PretrainResult:
+                 overrides: list[str] = (), trial: runs.SweepTrial | None = None) -> PretrainResult:
     """Pretrain on Ray Train. Everything that can be checked is checked before a cluster is started."""
     from ajepa import data
     from ajepa.masking import plot_mask_examples
 
-    plan = runs.plan_run("pretrain", cfg, resume, overrides)
+    plan = runs.plan_run("pretrain", cfg, resume, overrides, trial)
     cfg = plan.cfg
     grid = patch_grid(cfg)
     validate_masks(cfg.mask, grid)

@@ -216,24 +216,37 @@ def read_run_file(path: Path) -> dict[str, Any]:
     return saved
 
 
+@dataclass(frozen=True)
+class SweepTrial:
+    """What makes a run one trial of a sweep (sweep.py): its MLflow run is a child of the sweep's run, in the
+    sweep's store, with the trial's tags, and its Train run reports through `callbacks` (Tune's)."""
+
+    tracking_uri: str
+    parent_run_id: str
+    tags: dict[str, str]
+    callbacks: list[Any]
+
+
 @dataclass
 class RunPlan:
     """Where a run lives and the config it runs with; `record` is its run.json (read on resume, written by
-    `open_run` for a new run)."""
+    `open_run` for a new run); `trial` when the run is a sweep's trial."""
 
-    job: str  # pretrain | finetune: run names, the MLflow tag, the progress line
+    job: str  # pretrain | finetune | sweep: run names, the MLflow tag, the progress line
     cfg: Config
     out: Path
     name: str
     resumed: bool
     record: dict[str, Any] | None
+    trial: SweepTrial | None = None
 
     @property
     def run_dir(self) -> Path:
         return self.out / self.name
 
 
-def plan_run(job: str, cfg: Config, resume: str | None, overrides: list[str]) -> RunPlan:
+def plan_run(job: str, cfg: Config, resume: str | None, overrides: list[str],
+             trial: SweepTrial | None = None) -> RunPlan:
     """A new run (name from run.name or generated; it must not exist) or the run `--resume` names, with its
     saved config and `overrides` on top. Nothing is written yet."""
     out = Path(cfg.run.out_dir).expanduser().absolute()
@@ -241,11 +254,11 @@ def plan_run(job: str, cfg: Config, resume: str | None, overrides: list[str]) ->
         out, name = resolve_resume(resume, out)
         saved = read_run_file(out / name / RUN_FILE)
         cfg = config_from_dict(saved["config"], overrides, source=str(out / name / RUN_FILE))
-        return RunPlan(job, cfg, out, name, True, saved)
+        return RunPlan(job, cfg, out, name, True, saved, trial)
     name = cfg.run.name or new_run_name(job)
     if (out / name).exists():
         raise ConfigError(f"run.name: {out / name} already exists; use --resume {name} to continue it")
-    return RunPlan(job, cfg, out, name, False, None)
+    return RunPlan(job, cfg, out, name, False, None, trial)
 
 
 @contextlib.contextmanager
@@ -256,12 +269,15 @@ def open_run(plan: RunPlan, store: Path, params: dict[str, Any], record: dict[st
     from ajepa import tracking
 
     plan.run_dir.mkdir(parents=True, exist_ok=True)
+    trial = plan.trial
     if plan.resumed:
         uri, run_id = plan.record["tracking_uri"], plan.record["mlflow_run_id"]
         tracker = tracking.Tracker.attach(uri, run_id)
     else:
-        uri = tracking.default_tracking_uri(plan.out)
-        tracker = tracking.Tracker.start(uri, plan.cfg.run.experiment, plan.name, tags={"ajepa.job": plan.job})
+        uri = trial.tracking_uri if trial else tracking.default_tracking_uri(plan.out)
+        tracker = tracking.Tracker.start(uri, plan.cfg.run.experiment, plan.name,
+                                         tags={"ajepa.job": plan.job, **(trial.tags if trial else {})},
+                                         parent_run_id=trial.parent_run_id if trial else None)
     with tracker:
         if not plan.resumed:
             save_config(plan.cfg, plan.run_dir / "config.yaml")
@@ -305,7 +321,8 @@ def fit(plan: RunPlan, loop: Callable[[dict[str, Any]], None], loop_config: dict
                                      resources_per_worker=resources if cfg.run.workers else None),
         run_config=RunConfig(name=plan.name, storage_path=str(plan.out),
                              checkpoint_config=CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS),
-                             failure_config=FailureConfig(max_failures=cfg.run.max_failures)),
+                             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+                             callbacks=plan.trial.callbacks if plan.trial else None),
         datasets={"train": data.read_store(store, "train", columns=columns).random_shuffle()},
     )
     with _ctrl_c_is_keyboard_interrupt(), _training_progress(progress, total, plan.job, describe):

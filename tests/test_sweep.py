@@ -1,0 +1,412 @@
+"""Sweeps: search space files checked before any trial (fast), how many trials fit the cluster, the results table;
+then real Ray Tune sweeps of micro pretraining runs (slow): a 4-trial sweep in MLflow, ASHA stopping a trial, an
+interrupted sweep resumed."""
+
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import pytest
+import soundfile as sf
+from ajepa import cli, data
+from ajepa.config import ConfigError, load_config
+from ajepa.masking import validate_masks
+from ajepa.search_space import load_space
+from ajepa.sweep import COMPLETED, FAILED, STOPPED, SweepSettings, TrialResult, by_config, max_concurrent, run_sweep
+from ajepa.train.pretrain import patch_grid
+from conftest import micro_cfg, tone
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def mask_check(cfg):
+    validate_masks(cfg.mask, patch_grid(cfg))
+
+
+# ------------------------------------------------------------------------------------------ search spaces
+
+
+def test_shipped_search_spaces_load_against_the_tiny_and_base_configs():
+    for name in ("tiny", "base"):
+        cfg = load_config(ROOT / "configs" / f"{name}.yaml")
+        space = load_space(ROOT / "search_spaces" / "mask_curriculum.yaml", cfg, seeds=3)
+        space.check(cfg, mask_check)  # each schedule and geometry masks the config's patch grid
+        assert space.params[0].describe() == "grid[curriculum, rb, tf, mixture, inverse, random]"
+        assert space.grid_size() == 6
+    space = load_space(ROOT / "search_spaces" / "finetune.yaml", load_config(ROOT / "configs" / "tiny.yaml"))
+    assert {p.key: p.describe() for p in space.params}["finetune.lr"] == "loguniform[0.0001, 0.003]"
+    assert {p.key for p in space.params} >= {"finetune.layer_decay", "finetune.token_reg", "finetune.token_ratio",
+                                             "finetune.time_mask", "finetune.freq_mask", "finetune.mixup"}
+
+
+@pytest.mark.parametrize("text, message", [
+    ("mask.shedule: {choice: [rb, tf]}", "unknown key mask.shedule (known in mask: schedule, c0"),
+    ("masks.schedule: {choice: [rb]}", "unknown key masks.schedule (keys are section.field"),
+    ("run.workers: {choice: [1, 2]}", "run.workers: cannot be swept (trial resources set the number"),
+    ("optim.steps: {randint: [10, 20]}", "optim.steps: cannot be swept (every trial runs the same steps"),
+    ("mask.c0: {normal: [0.1, 0.2]}", "mask.c0: expected one of choice, grid, uniform, loguniform, randint, quniform"),
+    ("mask.c0: [0.1, 0.2]", "mask.c0: expected one of choice"),
+    ("mask.c0: {choice: []}", "mask.c0: choice takes a list"),
+    ("mask.schedule: {choice: [rb, rb]}", "mask.schedule: choice lists a value twice"),
+    ("mask.c0: {uniform: [0.3, 0.1]}", "mask.c0: uniform range [0.3, 0.1] is empty"),
+    ("mask.c0: {uniform: [0.1]}", "mask.c0: uniform takes [lo, hi] numbers"),
+    ("optim.lr: {loguniform: [0.0, 1.0e-3]}", "optim.lr: loguniform needs lo > 0"),
+    ("mask.rb_num_targets: {uniform: [2, 4]}", "mask.rb_num_targets: uniform draws reals, but the field holds int: "
+                                                "use randint"),
+    ("mask.c0: {randint: [1, 3]}", "mask.c0: randint draws integers, but the field holds float"),
+    ("mask.context_scale: {uniform: [0.7, 0.9]}", "mask.context_scale: uniform draws reals, but the field holds "
+                                                   "tuple"),
+    ("mask.c0: {quniform: [0.05, 0.3, 0.1]}", "mask.c0: quniform needs q > 0 with lo and hi multiples of q"),
+    ("mask.c0: {choice: [0.1, 2.0]}", "mask.c0: the value 2.0 is refused (mask.c0: must be in (0, 1], got 2.0)"),
+    ("mask.c0: {loguniform: [0.01, 3.0]}", "mask.c0: the value 3.0 is refused"),
+    ("mask.schedule: {choice: [rb, blocks]}", "mask.schedule: the value blocks is refused"),
+    ("mask.rb_target_scale: {choice: [[0.15, 0.2], [0.9, 1.0]]}",  # a value the config takes, masks cannot
+     "mask.rb_target_scale: the value [0.9, 1.0] is refused (mask.rb_target_scale: on the 8x8 patch grid"),
+    ("run.seed: {grid: [0, 1]}", "run.seed: --seeds 2 repeats every configuration over run.seed"),
+    ("", "expected a mapping of config keys to distributions"),
+    ("mask.c0: {choice: [0.1", "not valid YAML"),
+])
+def test_malformed_space_is_refused_naming_the_file_and_key(tmp_path, text, message):
+    path = tmp_path / "space.yaml"
+    path.write_text(text + "\n")
+    cfg = micro_cfg("mask.schedule=rb")
+    with pytest.raises(ConfigError) as refused:
+        load_space(path, cfg, seeds=2).check(cfg, mask_check)
+    assert str(refused.value).startswith(f"{path}: ")
+    assert message in str(refused.value), str(refused.value)
+
+
+def test_malformed_space_stops_the_job_before_any_trial_or_run(tmp_path, capsys):
+    space = tmp_path / "space.yaml"
+    space.write_text("mask.schedule: {choice: [rb, tf]}\nmask.tf_num_targets: {randint: [2, 1]}\n")
+    out = tmp_path / "runs"
+    assert cli.main(["sweep", "--space", str(space), "--out", str(out), "--num-samples", "4"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {space}: mask.tf_num_targets: randint range [2, 1] is empty"), err
+    assert not out.exists(), "nothing is written before the checks: no sweep folder, no MLflow store"
+
+
+@pytest.mark.parametrize("sets, settings, message", [
+    (["run.workers=0"], {}, "run.workers: a trial reports to Tune through Ray Train's callbacks"),
+    (["eval.every=0"], {}, "eval.every: the objective probe/linear_acc comes from the online probe"),
+    ([], {"job": "finetune"}, "--checkpoint is required for --job finetune"),
+    ([], {"seeds": 0}, "--seeds: must be >= 1"),
+    ([], {"scheduler": "hyperband"}, "--scheduler: must be one of asha, fifo"),
+])
+def test_impossible_settings_are_refused_before_any_trial(tmp_path, sets, settings, message):
+    space = tmp_path / "space.yaml"
+    space.write_text("mask.schedule: {choice: [rb, tf]}\n")
+    with pytest.raises(ConfigError, match=message):
+        run_sweep(micro_cfg(f"run.out_dir={tmp_path / 'runs'}", *sets), space, SweepSettings(**settings))
+    assert not (tmp_path / "runs").exists()
+
+
+# ---------------------------------------------------------------------------------- resources and results
+
+
+def test_concurrent_trials_leave_a_cpu_for_data_and_count_gpus():
+    cfg = micro_cfg("run.workers=2", "run.cpus_per_worker=1")
+    assert max_concurrent(cfg, {"CPU": 2.0}) == 1  # never 0: one trial at a time still runs
+    assert max_concurrent(cfg, {"CPU": 16.0}) == 7  # (16 - 1 for Ray Data) / (2 workers + 0.1 for the trial)
+    gpu = micro_cfg("run.workers=2", "run.cpus_per_worker=4", "run.gpus_per_worker=1")
+    assert max_concurrent(gpu, {"CPU": 64.0, "GPU": 8.0}) == 4  # GPUs bind first
+    assert max_concurrent(micro_cfg("run.cpus_per_worker=0.5"), {"CPU": 2.0}) == 1
+
+
+def test_configurations_report_mean_and_spread_over_completed_seeds():
+    def trial(name, lr, seed, value, reason=COMPLETED):
+        return TrialResult(name, reason, 8, value, {"optim.lr": lr, "run.seed": seed}, name)
+
+    trials = [trial("a0", 1e-4, 0, 0.50), trial("a1", 1e-4, 1, 0.70), trial("b0", 1e-3, 0, 0.65),
+              trial("b1", 1e-3, 1, 0.20, STOPPED), trial("c0", 1e-2, 0, math.nan, FAILED)]
+    configs = by_config(trials, ["optim.lr", "run.seed"], "max")
+    assert [c.params for c in configs] == [{"optim.lr": 1e-3}, {"optim.lr": 1e-4}, {"optim.lr": 1e-2}]
+    assert configs[0].values == [0.65] and configs[0].trials == 2  # the stopped seed does not count
+    assert configs[1].mean == pytest.approx(0.60) and configs[1].std == pytest.approx(0.1414, abs=1e-4)
+    assert math.isnan(configs[2].mean)
+    assert [c.params["optim.lr"] for c in by_config(trials, ["optim.lr", "run.seed"], "min")] == [1e-4, 1e-3, 1e-2]
+
+
+# ------------------------------------------------------------------------------------------ real Ray Tune
+
+
+@pytest.fixture(scope="module")
+def tone_store(tmp_path_factory, ray_local):
+    """32 labelled tones, low against high, in train, val and test: what the online probe needs, built in seconds."""
+    root = tmp_path_factory.mktemp("sweep-data")
+    (root / "audio").mkdir()
+    rows = []
+    for label, base in (("low", 150.0), ("high", 3000.0)):
+        for i in range(16):
+            sf.write(root / "audio" / f"{label}{i}.wav", tone(1.0, 16000, freq=base * (1 + 0.05 * i), seed=i), 16000)
+            rows.append(f"audio/{label}{i}.wav,{label},{('train', 'train', 'val', 'test')[i % 4]}\n")
+    (root / "manifest.csv").write_text("path,label,split\n" + "".join(rows))
+    audio = load_config(ROOT / "configs" / "tiny.yaml").audio
+    return data.build_store(root / "manifest.csv", root / "store", audio).out
+
+
+def sweep_cfg(out: Path, *extra: str):
+    # Batches of 2: the 16 training clips last 8 steps with no second epoch (a Ray Data shuffle, seconds).
+    # A quarter CPU per worker: two trials fit the 2-CPU cluster at once, with a CPU left for Ray Data.
+    return micro_cfg("data.batch_size=2", "run.cpus_per_worker=0.25", "run.torch_threads=1", "run.log_every=2",
+                     "run.checkpoint_every=4", "optim.steps=8", "eval.every=4", "eval.max_clips=16",
+                     f"run.out_dir={out}", *extra)
+
+
+def space_file(folder: Path, text: str) -> Path:
+    (folder / "space.yaml").write_text(text)
+    return folder / "space.yaml"
+
+
+def runs_of(uri: str, parent_id: str):
+    client = mlflow.MlflowClient(uri)
+    parent = client.get_run(parent_id)
+    every = client.search_runs([parent.info.experiment_id], order_by=["attributes.start_time ASC"])
+    return client, parent, [r for r in every if r.data.tags.get("mlflow.parentRunId") == parent_id]
+
+
+@pytest.fixture(scope="module")
+def four_trials(tmp_path_factory, tone_store):
+    """A grid of 2 schedules x 2 seeds, the lr drawn once and shared by the four (a paired comparison), ASHA on the
+    online probe, two trials at a time: the sweep the browser test shows too."""
+    out = tmp_path_factory.mktemp("sweep4")
+    space = space_file(out, "mask.schedule: {grid: [rb, tf]}\noptim.lr: {loguniform: [1.0e-4, 1.0e-3]}\n")
+    start = time.monotonic()
+    result = run_sweep(sweep_cfg(out), space, SweepSettings(num_samples=1, seeds=2), store=tone_store)
+    print(f"4-trial sweep: {time.monotonic() - start:.0f} s")
+    return result
+
+
+@pytest.mark.slow
+def test_four_trial_sweep_is_a_parent_run_with_four_child_runs(four_trials):
+    result = four_trials
+    client, parent, children = runs_of(result.tracking_uri, result.mlflow_run_id)
+    assert parent.info.status == "FINISHED" and parent.data.tags["ajepa.job"] == "sweep"
+    assert len(children) == 4 and all(c.info.status == "FINISHED" for c in children)
+    # max_concurrent_trials from the cluster's resources: (2 CPUs - 1 for Ray Data) / (0.25 + 0.1) = 2 at a time
+    assert any(a.info.start_time < b.info.end_time and b.info.start_time < a.info.end_time
+               for i, a in enumerate(children) for b in children[i + 1:]), "no two trials ran at once"
+    assert {c.data.tags["ajepa.stop_reason"] for c in children} == {COMPLETED}
+    # The swept keys are the children's params: each schedule with seeds 0 and 1, all with the one lr drawn.
+    assert sorted((c.data.params["mask.schedule"], c.data.params["run.seed"]) for c in children) == [
+        ("rb", "0"), ("rb", "1"), ("tf", "0"), ("tf", "1")]
+    (lr,) = {c.data.params["optim.lr"] for c in children}
+    assert 1e-4 <= float(lr) <= 1e-3
+    for child in children:  # the objective is each child's metric, as its Train run logged it
+        history = client.get_metric_history(child.info.run_id, "probe/linear_acc")
+        assert sorted(m.step for m in history) == [4, 8] and all(0 <= m.value <= 1 for m in history)
+        assert (result.run_dir / child.info.run_name / "encoder.safetensors").exists()  # the trial's run folder
+    # The parent: each swept key's distribution where the children have values, the best trial, the results.
+    assert parent.data.params["mask.schedule"] == "grid[rb, tf]"
+    assert parent.data.params["optim.lr"] == "loguniform[0.0001, 0.001]"
+    assert parent.data.params["run.seed"] == "grid[0, 1]"
+    assert parent.data.params["sweep.metric"] == "probe/linear_acc" and parent.data.params["sweep.trials"] == "4"
+    assert parent.data.metrics["trials/completed"] == 4 and parent.data.metrics["trials/stopped"] == 0
+    best = max(children, key=lambda c: c.data.metrics["probe/linear_acc"])
+    assert parent.data.metrics["probe/linear_acc"] == best.data.metrics["probe/linear_acc"]
+    assert parent.data.tags["ajepa.best_trial"] in {c.info.run_name for c in children}
+    assert {"space.yaml", "config.yaml", "results.csv", "configs.csv", "params_vs_objective.png"} <= {
+        a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert [sorted(c.params) for c in result.configs] == [["mask.schedule", "optim.lr"]] * 2
+    assert all(len(c.values) == 2 for c in result.configs)  # each schedule's mean and spread over its two seeds
+    assert len((result.run_dir / "results.csv").read_text().splitlines()) == 5
+
+
+@pytest.mark.slow
+def test_asha_stops_the_trial_that_falls_behind_and_its_child_run_says_so(tmp_path, tone_store, ray_local):
+    # Designed: the objective is the reported lr, minimised; the trials run one at a time in grid order, so
+    # the second (10x the lr) is below the first at the first rung (step 2) and ASHA stops it there.
+    space = space_file(tmp_path, "optim.lr: {grid: [1.0e-4, 1.0e-3]}\n")
+    result = run_sweep(sweep_cfg(tmp_path, "eval.every=0"), space,
+                       SweepSettings(metric="lr", mode="min", max_concurrent=1), store=tone_store)
+    first, second = result.trials
+    assert (first.reason, first.step) == (COMPLETED, 8) and (second.reason, second.step) == (STOPPED, 2)
+    client, parent, (done, stopped) = runs_of(result.tracking_uri, result.mlflow_run_id)
+    assert done.info.status == "FINISHED" and done.data.tags["ajepa.stop_reason"] == COMPLETED
+    assert stopped.info.status == "KILLED", "ASHA killed the trial; the driver ended its run"
+    assert stopped.data.tags["ajepa.stop_reason"] == STOPPED and stopped.data.tags["ajepa.last_step"] == "2"
+    assert not (result.run_dir / stopped.info.run_name / "encoder.safetensors").exists()
+    assert parent.data.metrics["trials/stopped"] == 1 and parent.data.tags["ajepa.best_trial"] == done.info.run_name
+    # The killed trial's Train workers leave nothing reserved: Ray Train's cleaner frees their placement group
+    # (it finds the cluster through runtime.init_ray's API server address, also with other Ray instances here).
+    deadline = time.monotonic() + 60
+    while ray_local.available_resources().get("CPU", 0) < 2 and time.monotonic() < deadline:
+        time.sleep(1)
+    assert ray_local.available_resources().get("CPU", 0) == pytest.approx(2)
+
+
+@pytest.mark.slow
+def test_a_failed_trial_gets_a_failed_child_run_with_its_error_and_the_sweep_goes_on(tmp_path, tone_store):
+    # The online probe's store is not there: the trial stops before its run begins (a run is made for it).
+    missing = tmp_path / "no-store"
+    space = space_file(tmp_path, f"eval.store: {{choice: ['{missing}']}}\n")
+    result = run_sweep(sweep_cfg(tmp_path), space, SweepSettings(), store=tone_store)
+    (trial,) = result.trials
+    assert trial.reason == FAILED and math.isnan(trial.objective) and result.best is None
+    client, parent, (child,) = runs_of(result.tracking_uri, result.mlflow_run_id)
+    assert parent.info.status == "FINISHED" and parent.data.metrics["trials/failed"] == 1
+    assert child.info.status == "FAILED" and child.data.tags["ajepa.stop_reason"] == FAILED
+    assert child.data.params["eval.store"] == str(missing) and str(missing) in child.data.tags["ajepa.error"]
+
+
+@pytest.mark.slow
+def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, tone_store):
+    space = space_file(tmp_path, "optim.lr: {grid: [1.0e-4, 3.0e-4]}\n")
+    # Batches of 1: 16 steps in the one epoch; after the second trial's first checkpoint (step 4) it has 12 steps
+    # and two probes to go, ample time for Tune to stop it.
+    cfg = sweep_cfg(tmp_path, "run.name=resumable", "data.batch_size=1", "optim.steps=16", "run.log_every=4",
+                    "eval.every=8")
+    sweep_dir = tmp_path / "resumable"
+
+    def interrupt_once_the_second_trial_has_a_checkpoint() -> None:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and not list(sweep_dir.glob("trial_*_00001/step_00000004")):
+            time.sleep(0.2)
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C: Tune saves its state and stops the running trial
+
+    watcher = threading.Thread(target=interrupt_once_the_second_trial_has_a_checkpoint, daemon=True)
+    watcher.start()
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(cfg, space, SweepSettings(scheduler="fifo", max_concurrent=1), store=tone_store)
+    watcher.join()
+    record = json.loads((sweep_dir / "run.json").read_text())
+    uri, parent_id = record["tracking_uri"], record["mlflow_run_id"]
+    client, parent, (first, second) = runs_of(uri, parent_id)
+    assert parent.info.status == "KILLED" and first.info.status == "FINISHED" and second.info.status == "KILLED"
+    assert second.data.tags["ajepa.stop_reason"] == "interrupted"
+    first_files = {p: p.stat().st_mtime for p in (sweep_dir / first.info.run_name).rglob("*")}
+
+    result = run_sweep(load_config(None, [f"run.out_dir={tmp_path}"]), None, SweepSettings(), resume="resumable")
+    assert [t.reason for t in result.trials] == [COMPLETED, COMPLETED]
+    client, parent, children = runs_of(uri, parent_id)
+    assert parent.info.status == "FINISHED"
+    assert [c.info.run_id for c in children] == [first.info.run_id, second.info.run_id], "no trial started anew"
+    assert client.get_run(first.info.run_id).info.end_time == first.info.end_time, "the finished trial did not run"
+    assert {p: p.stat().st_mtime for p in (sweep_dir / first.info.run_name).rglob("*")} == first_files
+    losses = sorted(m.step for m in client.get_metric_history(second.info.run_id, "loss"))
+    assert losses.count(4) == 1 and set(losses) == {4, 8, 12, 16}, "the second trial went on from its checkpoint"
+    assert children[1].info.status == "FINISHED" and children[1].data.tags["ajepa.stop_reason"] == COMPLETED
+
+
+# ------------------------------------------------------------------------------------ the MLflow UI, in a browser
+
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"  # Debian's, from scripts/system_deps.sh test
+
+
+@pytest.fixture
+def mlflow_ui(four_trials, tmp_path):
+    """`mlflow server` on 127.0.0.1 over the 4-trial sweep's store: its base URL."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mlflow_bin = Path(sys.executable).parent / "mlflow"
+    log = (tmp_path / "server.log").open("w")
+    command = [str(mlflow_bin), "server", "--backend-store-uri", four_trials.tracking_uri, "--host", "127.0.0.1",
+               "--port", str(port), "--workers", "1"]
+    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/health", timeout=5).read()
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, (tmp_path / "server.log").read_text()
+                time.sleep(0.5)
+        yield url
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+
+
+@pytest.fixture
+def browser():
+    from selenium import webdriver
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    assert Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists(), "run: bash scripts/system_deps.sh test"
+    options = Options()
+    options.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1600,1000"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    yield driver
+    driver.quit()
+
+
+def page_shows(driver, *texts: str, timeout: float = 90) -> str:
+    """The page's text once it holds every one of `texts` (the UI renders after its API calls return)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    WebDriverWait(driver, timeout).until(lambda d: all(t in d.find_element(By.TAG_NAME, "body").text for t in texts))
+    return driver.find_element(By.TAG_NAME, "body").text
+
+
+@pytest.mark.slow
+def test_mlflow_ui_lists_the_sweep_with_its_trials_and_their_swept_params(four_trials, mlflow_ui, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    # Screenshots for the README: AJEPA_SCREENSHOTS=docs pytest -k mlflow_ui
+    shots = Path(os.environ.get("AJEPA_SCREENSHOTS", tmp_path))
+    client, parent, children = runs_of(four_trials.tracking_uri, four_trials.mlflow_run_id)
+    experiment = parent.info.experiment_id
+    names = [c.info.run_name for c in children]
+
+    browser.get(f"{mlflow_ui}/#/experiments/{experiment}/runs")
+    page_shows(browser, parent.info.run_name, "5 matching runs")
+    close_assistant(browser)
+    # A sweep is one row until it is expanded: its trials are nested under it.
+    assert not any(name in page_shows(browser, parent.info.run_name) for name in names)
+    browser.find_element(By.CSS_SELECTOR, "button[data-component-id*='runnamecellrenderer']").click()
+    page_shows(browser, *names)
+    browser.save_screenshot(str(shots / "mlflow-sweep-runs.png"))
+
+    # Side by side: the parent's distributions next to each trial's values, and the objective.
+    ids = json.dumps([parent.info.run_id, *(c.info.run_id for c in children)])
+    browser.get(f"{mlflow_ui}/#/compare-runs?runs={ids}&experiments={json.dumps([experiment])}")
+    page_shows(browser, "Comparing 5 Runs", "mask.schedule", "probe/linear_acc", *names)
+    table = compare_table(browser)
+    column = {name: i for i, name in enumerate(table["Run Name:"])}
+    for run in (parent, *children):
+        for key in ("mask.schedule", "optim.lr", "run.seed"):
+            assert table[key][column[run.info.run_name]] == run.data.params[key], (key, run.info.run_name)
+    assert table["mask.schedule"][column[parent.info.run_name]] == "grid[rb, tf]"
+    close_assistant(browser)
+    browser.find_element(By.CSS_SELECTOR, "button[aria-label='Parameters - Show diff only']").click()
+    swept = browser.find_element(By.XPATH, "//th[normalize-space()='mask.schedule']")
+    browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", swept)
+    page_shows(browser, "grid[0, 1]")
+    browser.save_screenshot(str(shots / "mlflow-sweep-compare.png"))
+
+
+def close_assistant(driver) -> None:
+    """MLflow 3's assistant panel opens with every page and hides half of it."""
+    from selenium.webdriver.common.by import By
+
+    for close in driver.find_elements(By.CSS_SELECTOR, "button[data-component-id='mlflow.assistant.chat_panel.close']"):
+        close.click()
+
+
+def compare_table(driver) -> dict[str, list[str]]:
+    """The compare page's tables as {row heading: one cell per run}, in the page's run order."""
+    from selenium.webdriver.common.by import By
+
+    rows = {}
+    for tr in driver.find_elements(By.CSS_SELECTOR, "tr"):
+        if heading := tr.find_elements(By.CSS_SELECTOR, "th[scope='row']"):
+            cells = tr.find_elements(By.TAG_NAME, "td")
+            rows[heading[0].get_attribute("textContent").strip()] = [
+                td.get_attribute("textContent").strip() for td in cells]
+    return rows
