@@ -138,6 +138,7 @@ def test_evaluate_job_scores_a_known_task_and_logs_to_mlflow(tmp_path, stores):
     result = run_evaluate(cfg, "random", labelled)
     # Low against high tones: even random features separate them.
     assert result.metrics["probe/linear_acc"] == 1.0 and result.metrics["probe/knn_acc"] == 1.0
+    assert result.metrics["probe/linear_val_acc"] == 1.0  # val, for selection: the same probe before its refit
     assert "linear probe" in result.table and "100.0%" in result.table and "train 12, val 6, test 6" in result.table
     run = mlflow.MlflowClient(result.tracking_uri).get_run(result.mlflow_run_id)
     assert run.info.status == "FINISHED" and run.data.metrics["probe/linear_acc"] == 1.0
@@ -170,6 +171,8 @@ def test_a_store_of_several_tasks_is_probed_task_by_task(tmp_path, ray_local):
     m = result.metrics
     assert m["probe/pitch/linear_acc"] == 1.0 and m["probe/kind/knn_acc"] == 1.0
     assert m["probe/linear_acc"] == pytest.approx((m["probe/pitch/linear_acc"] + m["probe/kind/linear_acc"]) / 2)
+    assert m["probe/linear_val_acc"] == pytest.approx((m["probe/pitch/linear_val_acc"]
+                                                       + m["probe/kind/linear_val_acc"]) / 2)
     assert "task kind: train 12, val 6, test 6; 2 classes" in result.table
     capped = load_probe_sets(store, max_clips=3)[1].arrays  # at most 3 clips of each split, of this task only
     assert [len(capped[s]) for s in ("train", "val", "test")] == [3, 3, 3]

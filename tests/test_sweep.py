@@ -97,7 +97,7 @@ def test_malformed_space_stops_the_job_before_any_trial_or_run(tmp_path, capsys)
 
 @pytest.mark.parametrize("sets, settings, message", [
     (["run.workers=0"], {}, "run.workers: a trial reports to Tune through Ray Train's callbacks"),
-    (["eval.every=0"], {}, "eval.every: the objective probe/linear_acc comes from the online probe"),
+    (["eval.every=0"], {}, "eval.every: the objective probe/linear_val_acc comes from the online probe"),
     ([], {"job": "finetune"}, "--checkpoint is required for --job finetune"),
     ([], {"seeds": 0}, "--seeds: must be >= 1"),
     ([], {"scheduler": "hyperband"}, "--scheduler: must be one of asha, fifo"),
@@ -202,17 +202,17 @@ def test_four_trial_sweep_is_a_parent_run_with_four_child_runs(four_trials):
     (lr,) = {c.data.params["optim.lr"] for c in children}
     assert 1e-4 <= float(lr) <= 1e-3
     for child in children:  # the objective is each child's metric, as its Train run logged it
-        history = client.get_metric_history(child.info.run_id, "probe/linear_acc")
+        history = client.get_metric_history(child.info.run_id, "probe/linear_val_acc")
         assert sorted(m.step for m in history) == [4, 8] and all(0 <= m.value <= 1 for m in history)
         assert (result.run_dir / child.info.run_name / "encoder.safetensors").exists()  # the trial's run folder
     # The parent: each swept key's distribution where the children have values, the best trial, the results.
     assert parent.data.params["mask.schedule"] == "grid[rb, tf]"
     assert parent.data.params["optim.lr"] == "loguniform[0.0001, 0.001]"
     assert parent.data.params["run.seed"] == "grid[0, 1]"
-    assert parent.data.params["sweep.metric"] == "probe/linear_acc" and parent.data.params["sweep.trials"] == "4"
+    assert parent.data.params["sweep.metric"] == "probe/linear_val_acc" and parent.data.params["sweep.trials"] == "4"
     assert parent.data.metrics["trials/completed"] == 4 and parent.data.metrics["trials/stopped"] == 0
-    best = max(children, key=lambda c: c.data.metrics["probe/linear_acc"])
-    assert parent.data.metrics["probe/linear_acc"] == best.data.metrics["probe/linear_acc"]
+    best = max(children, key=lambda c: c.data.metrics["probe/linear_val_acc"])
+    assert parent.data.metrics["probe/linear_val_acc"] == best.data.metrics["probe/linear_val_acc"]
     assert parent.data.tags["ajepa.best_trial"] in {c.info.run_name for c in children}
     assert {"space.yaml", "config.yaml", "results.csv", "configs.csv", "params_vs_objective.png"} <= {
         a.path for a in client.list_artifacts(parent.info.run_id)}
@@ -376,7 +376,7 @@ def test_mlflow_ui_lists_the_sweep_with_its_trials_and_their_swept_params(four_t
     # Side by side: the parent's distributions next to each trial's values, and the objective.
     ids = json.dumps([parent.info.run_id, *(c.info.run_id for c in children)])
     browser.get(f"{mlflow_ui}/#/compare-runs?runs={ids}&experiments={json.dumps([experiment])}")
-    page_shows(browser, "Comparing 5 Runs", "mask.schedule", "probe/linear_acc", *names)
+    page_shows(browser, "Comparing 5 Runs", "mask.schedule", "probe/linear_val_acc", *names)
     table = compare_table(browser)
     column = {name: i for i, name in enumerate(table["Run Name:"])}
     for run in (parent, *children):

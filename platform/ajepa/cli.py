@@ -86,7 +86,7 @@ def _parser() -> argparse.ArgumentParser:
     sw.add_argument("--scheduler", choices=("asha", "fifo"), default="asha",
                     help="asha stops trials that fall behind at 1, 2, 4, ... objective reports; fifo runs all")
     sw.add_argument("--metric", default="",
-                    help="the objective (default: probe/linear_acc for pretrain, val/acc for finetune)")
+                    help="the objective (default, on val: probe/linear_val_acc for pretrain, val/acc for finetune)")
     sw.add_argument("--mode", choices=("max", "min"), default="max", help="whether the objective is maximised")
     sw.add_argument("--max-concurrent", type=int, default=None,
                     help="trials at once (default: as many as the cluster's CPUs and GPUs hold)")

@@ -274,7 +274,9 @@ def _spread(rows: list[int], at_most: int | None) -> list[int]:
 
 def probe(encoder: VisionTransformer, probe_sets: list[ProbeSet], crop_frames: int, cfg: EvalConfig,
           device: torch.device, normalize_input: bool = True) -> dict[str, float]:
-    """`probe/linear_<metric>`, `probe/knn_<metric>`, the chosen L2 and the seconds it all took.
+    """`probe/linear_<metric>`, `probe/knn_<metric>` (test), `probe/linear_val_<metric>` (the train-fitted
+    probe's val score at the chosen L2: what a sweep may select on without looking at test), the chosen L2 and
+    the seconds it all took.
 
     With several tasks each is probed on its own (`probe/<task>/linear_acc`, ...) and the plain names hold
     the mean over tasks, the one number a sweep can rank trials by."""
@@ -290,9 +292,9 @@ def probe(encoder: VisionTransformer, probe_sets: list[ProbeSet], crop_frames: i
         m, prefix = probe_set.metric, f"probe/{probe_set.task}/" if probe_set.task else "probe/"
         metrics |= {f"{prefix}linear_{m}": linear.test, f"{prefix}knn_{m}": knn_probe(feats, probe_set.labels,
                                                                                       cfg.knn_k),
-                    f"{prefix}linear_l2": linear.l2}
+                    f"{prefix}linear_val_{m}": linear.val_by_l2[linear.l2], f"{prefix}linear_l2": linear.l2}
     if len(probe_sets) > 1 and len({p.metric for p in probe_sets}) == 1:
-        for kind in ("linear", "knn"):
+        for kind in ("linear", "knn", "linear_val"):
             values = [metrics[f"probe/{p.task}/{kind}_{p.metric}"] for p in probe_sets]
             metrics[f"probe/{kind}_{probe_sets[0].metric}"] = float(np.mean(values))
     metrics["probe/seconds"] = time.perf_counter() - start

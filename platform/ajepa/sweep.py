@@ -48,7 +48,7 @@ class Job:
     eval_key: str  # ... set by this key; any other metric comes every run.log_every steps
 
 
-JOBS = {"pretrain": Job("optim.steps", "probe/linear_acc", "probe/", "eval.every"),
+JOBS = {"pretrain": Job("optim.steps", "probe/linear_val_acc", "probe/", "eval.every"),
         "finetune": Job("finetune.steps", "val/acc", "val/", "finetune.eval_every")}
 SCHEDULERS = ("asha", "fifo")
 ASHA_REDUCTION = 2  # ASHA keeps the better half of the trials at each rung (rungs at grace x 2^k steps)
