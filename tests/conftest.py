@@ -62,6 +62,18 @@ def tone(seconds: float, rate: int, channels: int = 1, freq: float = 440.0, seed
     return np.repeat(wave[:, None], channels, axis=1).astype(np.float32)
 
 
+def write_low_high_tones(root: Path) -> list[tuple[str, str, str]]:
+    """16 low and 16 high tones under `root/audio`, in train, val and test: (path, label, split) rows of a
+    labelled task that even a random encoder separates."""
+    (root / "audio").mkdir()
+    rows = []
+    for label, base in (("low", 150.0), ("high", 3000.0)):
+        for i in range(16):
+            sf.write(root / "audio" / f"{label}{i}.wav", tone(1.0, 16000, freq=base * (1 + 0.05 * i), seed=i), 16000)
+            rows.append((f"audio/{label}{i}.wav", label, ("train", "train", "val", "test")[i % 4]))
+    return rows
+
+
 def encode(samples: np.ndarray, rate: int, fmt: str = "WAV", subtype: str | None = None) -> bytes:
     buf = io.BytesIO()
     sf.write(buf, samples, rate, format=fmt, subtype=subtype)

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import mlflow
 import pytest
-import soundfile as sf
 import torch
 import torch.nn.functional as F
 from ajepa import cli, data
@@ -17,7 +16,7 @@ from ajepa.models.classifier import Classifier, draw_token_masks
 from ajepa.train import finetune, runs
 from ajepa.train.finetune import Finetuner, Task
 from ajepa.train.pretrain import Pretrainer
-from conftest import MICRO, fake_batch, micro_cfg, tone
+from conftest import MICRO, fake_batch, micro_cfg, write_low_high_tones
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -155,12 +154,7 @@ def stores(tmp_path_factory, ray_local):
     """Real tone stores, each split labelled: low vs high (single-label), the same with a shared tag
     (multi-label), unlabelled, and one whose test split has a class train lacks."""
     root = tmp_path_factory.mktemp("finetune-data")
-    (root / "audio").mkdir()
-    rows = []
-    for label, base in (("low", 150.0), ("high", 3000.0)):
-        for i in range(16):
-            sf.write(root / "audio" / f"{label}{i}.wav", tone(1.0, 16000, freq=base * (1 + 0.05 * i), seed=i), 16000)
-            rows.append((f"audio/{label}{i}.wav", label, ("train", "train", "val", "test")[i % 4]))
+    rows = write_low_high_tones(root)
     manifests = {
         "labelled": rows,
         "multi": [(p, f"{lab};tone", s) for p, lab, s in rows],

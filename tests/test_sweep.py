@@ -16,14 +16,13 @@ from pathlib import Path
 
 import mlflow
 import pytest
-import soundfile as sf
 from ajepa import cli, data
 from ajepa.config import ConfigError, load_config
 from ajepa.masking import validate_masks
 from ajepa.search_space import load_space
 from ajepa.sweep import COMPLETED, FAILED, STOPPED, SweepSettings, TrialResult, by_config, max_concurrent, run_sweep
 from ajepa.train.pretrain import patch_grid
-from conftest import micro_cfg, tone
+from conftest import micro_cfg, write_low_high_tones
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -143,13 +142,8 @@ def test_configurations_report_mean_and_spread_over_completed_seeds():
 def tone_store(tmp_path_factory, ray_local):
     """32 labelled tones, low against high, in train, val and test: what the online probe needs, built in seconds."""
     root = tmp_path_factory.mktemp("sweep-data")
-    (root / "audio").mkdir()
-    rows = []
-    for label, base in (("low", 150.0), ("high", 3000.0)):
-        for i in range(16):
-            sf.write(root / "audio" / f"{label}{i}.wav", tone(1.0, 16000, freq=base * (1 + 0.05 * i), seed=i), 16000)
-            rows.append(f"audio/{label}{i}.wav,{label},{('train', 'train', 'val', 'test')[i % 4]}\n")
-    (root / "manifest.csv").write_text("path,label,split\n" + "".join(rows))
+    rows = write_low_high_tones(root)
+    (root / "manifest.csv").write_text("path,label,split\n" + "".join(f"{p},{lab},{s}\n" for p, lab, s in rows))
     audio = load_config(ROOT / "configs" / "tiny.yaml").audio
     return data.build_store(root / "manifest.csv", root / "store", audio).out
 
