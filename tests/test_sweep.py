@@ -16,11 +16,22 @@ from pathlib import Path
 
 import mlflow
 import pytest
-from ajepa import cli, data
+from ajepa import cli, data, tracking
 from ajepa.config import ConfigError, load_config
 from ajepa.masking import validate_masks
 from ajepa.search_space import load_space
-from ajepa.sweep import COMPLETED, FAILED, STOPPED, SweepSettings, TrialResult, by_config, max_concurrent, run_sweep
+from ajepa.sweep import (
+    COMPLETED,
+    FAILED,
+    STOP_TAG,
+    STOPPED,
+    SweepSettings,
+    TrialResult,
+    by_config,
+    max_concurrent,
+    run_sweep,
+    settle_stopped,
+)
 from ajepa.train.pretrain import patch_grid
 from conftest import micro_cfg, write_low_high_tones
 
@@ -213,6 +224,22 @@ def test_four_trial_sweep_is_a_parent_run_with_four_child_runs(four_trials):
     assert [sorted(c.params) for c in result.configs] == [["mask.schedule", "optim.lr"]] * 2
     assert all(len(c.values) == 2 for c in result.configs)  # each schedule's mean and spread over its two seeds
     assert len((result.run_dir / "results.csv").read_text().splitlines()) == 5
+
+
+def test_a_stopped_trial_ends_killed_even_when_its_own_job_ended_it_failed(tmp_path):
+    # The race it settles: ASHA asks a trial to stop, the driver marks its run KILLED, and the trial's job, which
+    # sees the stop as a failure, ends the same run FAILED after that.
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    parent = tracking.Tracker.start(uri, "sweeps", "sweep")
+    runs = {}
+    for name, reason, status in (("stopped", STOPPED, "FAILED"), ("done", COMPLETED, "FINISHED"),
+                                 ("broken", FAILED, "FAILED")):
+        runs[name] = tracking.Tracker.start(uri, "sweeps", name, parent_run_id=parent.run_id)
+        runs[name].set_tags({STOP_TAG: reason})
+        runs[name].finish(status)
+    settle_stopped(uri, parent.run_id)
+    status = {r.name: r.status for r in tracking.child_runs(uri, parent.run_id)}
+    assert status == {"stopped": "KILLED", "done": "FINISHED", "broken": "FAILED"}
 
 
 @pytest.mark.slow
