@@ -56,8 +56,9 @@ class DataConfig:
     crop_frames: int = 128  # frames fed to the model; random crop in pretraining, crop at 0 in evaluation
     batch_size: int = 32  # per worker
     # Rows shuffled together each epoch: whole files, grouped in the epoch's file order, read at once (order.py).
-    # Bounds a rank's memory: about three groups (training, ready, being read); 1024 10 s clips are 256 MB.
-    shuffle_window: int = 1024
+    # Small groups spread the reads over the epoch (a group as large as the split would read all of the next epoch
+    # at this one's start) and bound a rank's memory: about three groups; 256 10 s clips are 64 MB.
+    shuffle_window: int = 256
     normalize: bool = True  # (x - mean) / (2 * std) with the store's stats
     roll: bool = True  # random cyclic roll in time
     gain_db: float = 6.0  # uniform gain jitter in [-gain_db, +gain_db]
