@@ -213,4 +213,6 @@ def test_online_probe_needs_a_labelled_store_before_ray_starts(tmp_path, stores)
         pretrain.run_pretrain(cfg, store=unlabelled)
     assert not list(tmp_path.iterdir()), "nothing is written before the check"
     subset = ProbeSet.load(labelled, max_clips=2)  # evenly spaced: the first and last train clips
-    assert subset.arrays["train"].fbank.shape == (2, 128, 128) and subset.arrays["train"].labels == ["low", "high"]
+    train = data.load_store(labelled, "train")
+    assert subset.arrays["train"].fbank.shape == (2, 128, 128)
+    assert subset.arrays["train"].ids == [train.ids[0], train.ids[-1]]

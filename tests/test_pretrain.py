@@ -13,7 +13,7 @@ import mlflow
 import numpy as np
 import pytest
 import torch
-from ajepa import data
+from ajepa import data, order
 from ajepa.config import ConfigError, load_config
 from ajepa.hear import load_model
 from ajepa.models.vit import VisionTransformer
@@ -219,6 +219,13 @@ def test_stopped_run_resumes_at_its_checkpoint_and_continues(tmp_path, small_sto
     assert 6 in steps, "the resumed run logged the steps after its checkpoint"
     losses = dict(history)
     assert losses[10] < losses[2]
+    # It resumed mid-epoch (at step 4 of 9), and read on across the epoch's end exactly the batches an unbroken
+    # run reads: with the same masks and augmentation, both ranks end with bit-identical weights.
+    assert order.batches_per_epoch(data.read_stats(small_store)["counts"]["train"], 8, 2) == 9
+    unbroken = pretrain.run_pretrain(dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, name="unbroken")),
+                                     store=small_store)
+    resumed, straight = (load_checkpoint(r.checkpoint / pretrain.CHECKPOINT_FILE)["model"] for r in (result, unbroken))
+    assert all(torch.equal(resumed[k], straight[k]) for k in straight)
     with pytest.raises(Exception, match="already exists; use --resume stopped"):
         pretrain.run_pretrain(cfg, store=small_store)
 

@@ -77,15 +77,16 @@ def test_store_rows_equal_the_audio_pipeline_and_stats_are_exact(ray_local, tmp_
     assert sum(summary.counts.values()) == 3
     assert not list(tmp_path.glob(".store.tmp-*")), "staging folder left behind"
 
-    ds = data.read_store(tmp_path / "store", split=None)
-    assert ds.count() == 3
-    batch = ds.take_batch(3, batch_format="numpy")
+    files = data.train_files(tmp_path / "store")  # what training reads
+    assert sum(files.rows) == 3
+    batch = next(data.train_batches(files, ["id", "fbank"], 3, seed=0, rank=0, world=1, window=1))
     by_id = dict(zip(arrays.ids, arrays.fbank, strict=True))
-    decoded = data.decode_fbank(batch["fbank"], (128, 128))
+    decoded = data.decode_fbank(batch.column("fbank").to_pylist(), (128, 128))
     assert decoded.shape == (3, 128, 128) and decoded.dtype == np.float16
     into = np.zeros_like(decoded)
-    assert data.decode_fbank(batch["fbank"], (128, 128), out=into) is into and np.array_equal(into, decoded)
-    for row_id, fb in zip(batch["id"], decoded, strict=True):
+    assert data.decode_fbank(batch.column("fbank").to_pylist(), (128, 128), out=into) is into
+    assert np.array_equal(into, decoded)
+    for row_id, fb in zip(batch.column("id").to_pylist(), decoded, strict=True):
         assert np.array_equal(fb, by_id[row_id])
 
 
@@ -113,7 +114,7 @@ def test_manifest_keeps_splits_labels_and_extra_columns(ray_local, tmp_path):
     picked = data.load_store(tmp_path / "store", rows=[1, 4])
     assert picked.ids == [everything.ids[1], everything.ids[4]]
     assert np.array_equal(picked.fbank, everything.fbank[[1, 4]])
-    assert data.read_store(tmp_path / "store", split="test").count() == 2
+    assert len(data.load_store(tmp_path / "store", split="test")) == 2
     # Normalisation statistics: the train split's real frames only.
     frames = {i: spectrogram_from_bytes((audio / f"{i}.wav").read_bytes(), CFG) for i in range(6)}
     values = {i: f.fbank[:f.n_frames].double().numpy() for i, f in frames.items()}
@@ -172,7 +173,7 @@ def test_hash_split_is_deterministic_and_near_the_ratios():
 
 def test_reading_a_folder_that_is_not_a_store_is_a_clear_error(tmp_path):
     with pytest.raises(data.StoreError, match="not a spectrogram store"):
-        data.read_store(tmp_path)
+        data.train_files(tmp_path)
 
 
 @pytest.mark.slow

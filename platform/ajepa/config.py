@@ -55,6 +55,10 @@ class DataConfig:
     store: str = ""  # path of a spectrogram store; empty means the built-in demo store
     crop_frames: int = 128  # frames fed to the model; random crop in pretraining, crop at 0 in evaluation
     batch_size: int = 32  # per worker
+    # Rows shuffled together each epoch: whole files, grouped in the epoch's file order, read at once (order.py).
+    # Small groups spread the reads over the epoch (a group as large as the split would read all of the next epoch
+    # at this one's start) and bound a rank's memory: about three groups; 256 10 s clips are 64 MB.
+    shuffle_window: int = 256
     normalize: bool = True  # (x - mean) / (2 * std) with the store's stats
     roll: bool = True  # random cyclic roll in time
     gain_db: float = 6.0  # uniform gain jitter in [-gain_db, +gain_db]
@@ -62,6 +66,7 @@ class DataConfig:
     def validate(self, prefix: str = "data") -> None:
         _check(self.crop_frames >= 1, f"{prefix}.crop_frames", f"must be >= 1, got {self.crop_frames}")
         _check(self.batch_size >= 1, f"{prefix}.batch_size", f"must be >= 1, got {self.batch_size}")
+        _check(self.shuffle_window >= 1, f"{prefix}.shuffle_window", f"must be >= 1, got {self.shuffle_window}")
         _check(0 <= self.gain_db <= 40, f"{prefix}.gain_db", f"must be in [0, 40], got {self.gain_db}")
 
 

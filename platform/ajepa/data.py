@@ -13,7 +13,11 @@ audio.num_mel_bins` in stats.json. Measured here on 63 rows of 1024 x 128: Parqu
 reads it in 0.013 s, against 0.33 s and 0.18 s for Ray's tensor extension column (a fixed-size list), which
 would have cost more than the fbank computation itself. `decode_fbank` turns the column back into an array.
 
-This module is the only place that builds Ray Datasets.
+The build writes the rows in a seeded random order, so every file is a random sample of its split. Training
+reads the train split's files straight (`train_batches`) in order.py's order: seeded by (seed, epoch), no
+shuffle of the data between epochs, every rank the same number of batches, resumable at any step.
+
+This module is the only place that builds Ray Datasets and the only one that reads the store.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import math
 import os
 import shutil
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,14 +41,17 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
+from ajepa import order
 from ajepa.audio import AudioError, spectrogram_from_bytes
+from ajepa.background import Background
 from ajepa.config import AudioConfig
 from ajepa.progress import Progress, polling
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".mp3", ".aiff", ".aif", ".au", ".w64", ".caf")
 SPLITS = ("train", "val", "test")
 MANIFEST_RESERVED = ("id", "fbank", "n_frames", "frame_sum", "frame_sumsq", "status", "reason")
-STORE_VERSION = 2  # 2: mean/std from the train split only
+STORE_VERSION = 3  # 2: mean/std from the train split only; 3: rows in a seeded random order (files mix classes)
+BUILD_SEED = 0  # the store's one row shuffle: fixed, so rebuilding the same input writes the same files
 
 
 class StoreError(RuntimeError):
@@ -241,6 +249,10 @@ def build_store(source: str | Path, out: str | Path, cfg: AudioConfig, *, overwr
     if not clips:
         raise StoreError(f"{source}: no audio files found (extensions: {' '.join(AUDIO_EXTENSIONS)})")
     rows = input_rows(clips)
+    # Shuffled once, here: each build task writes a contiguous run of these rows to one file, and listing order
+    # (a folder per class) would make files of one class. Training reads files in a seeded order and mixes
+    # rows only within a bounded window (order.py), never the whole split again.
+    rows = [rows[i] for i in np.random.default_rng(BUILD_SEED).permutation(len(rows))]
     out.parent.mkdir(parents=True, exist_ok=True)
     print(f"store build: {len(rows)} clips from {source} -> {out}", flush=True)
     init_ray()  # only now: bad input is reported without waiting for a cluster
@@ -383,17 +395,9 @@ def _split_dirs(store: Path, split: str | None) -> list[str]:
     return [str(store / f"split={s}") for s in splits if (store / f"split={s}").exists()]
 
 
-def read_store(store: str | Path, split: str | None = "train", columns: list[str] | None = None):
-    """A Ray Dataset over one split (or all with split=None) of the store, for training shards.
-    Its fbank column is bytes: `decode_fbank(batch["fbank"], fbank_shape(stats["audio"]))` per batch."""
-    import ray
-
-    store = Path(store)
-    read_stats(store)
-    paths = _split_dirs(store, split)
-    if not paths:
-        raise StoreError(f"{store}: has no rows in split {split!r}")
-    return ray.data.read_parquet(paths, columns=columns)
+def _parquet_files(folder: str) -> list[str]:
+    """A split folder's files, in the one order every reader lists them in (row indices refer to it)."""
+    return sorted(str(f) for f in Path(folder).glob("*.parquet"))
 
 
 @dataclass
@@ -415,7 +419,7 @@ def _split_table(store: Path, split: str | None, columns: list[str] | None = Non
     """A split (None: all) as one table; with `rows` (indices into it), only those rows are read from disk."""
     tables, offset = [], 0
     for path in _split_dirs(store, split):
-        files = sorted(str(f) for f in Path(path).glob("*.parquet"))
+        files = _parquet_files(path)
         dataset = pads.dataset(files, format="parquet")
         if rows is None:
             table = dataset.to_table(columns=columns)
@@ -454,6 +458,82 @@ def load_store(store: str | Path, split: str | None = None, rows: list[int] | No
     extra = {c: table.column(c).to_pylist() for c in table.column_names if c not in skip}
     return StoreArrays(table.column("id").to_pylist(), table.column("label").to_pylist(), fbank,
                        table.column("n_frames").to_numpy(), extra)
+
+
+# ------------------------------------------------------------------------------------------- training
+
+
+@dataclass(frozen=True)
+class TrainFiles:
+    """The train split's files and their row counts: all that the training data order is computed from."""
+
+    paths: tuple[str, ...]
+    rows: tuple[int, ...]
+
+
+def check_version(stats: dict[str, Any], store: Path) -> None:
+    """Training needs this version's layout: an older store's files each hold one class or two (rows in listing
+    order), which a file-level shuffle cannot mix."""
+    if stats.get("version") != STORE_VERSION:
+        raise StoreError(f"{store}: store version {stats.get('version', 'none')}, training needs version "
+                         f"{STORE_VERSION} (rows shuffled when the store is built); rebuild it: "
+                         f"jobs/prepare_data.py --input {stats.get('source', 'SOURCE')} --out {store} --overwrite")
+
+
+def train_files(store: str | Path) -> TrainFiles:
+    """The train split's files, row counts read from their footers only; the store's version is checked first."""
+    store = Path(store)
+    check_version(read_stats(store), store)
+    paths = [f for folder in _split_dirs(store, "train") for f in _parquet_files(folder)]
+    if not paths:
+        raise StoreError(f"{store}: has no rows in split 'train'")
+    return TrainFiles(tuple(paths), tuple(pq.read_metadata(path).num_rows for path in paths))
+
+
+def train_batches(files: TrainFiles, columns: list[str], batch_size: int, seed: int, rank: int, world: int,
+                  window: int, start: int = 0) -> Iterator[pa.Table]:
+    """This rank's training batches of `batch_size` rows, from its micro-batch `start` of the run on and epoch
+    after epoch without end, in order.py's order for (seed, epoch): a pure function of the arguments, so a
+    resumed run reads exactly what the unbroken run read from there on.
+
+    The next piece of rows (order.py: one shuffle group) is read on a background thread while this one is
+    consumed: neither an epoch's start nor a group's read makes the step wait."""
+    per_epoch = order.batches_per_epoch(sum(files.rows), batch_size, world)
+
+    def pieces() -> Iterator[pa.Table]:
+        epoch, first = divmod(start, per_epoch)
+        while True:
+            for rows in order.rank_pieces(files.rows, seed, epoch, window, batch_size, rank, world, first):
+                yield _take_rows(files, rows, columns)
+            epoch, first = epoch + 1, 0
+
+    rest = None  # the rows of a piece that did not fill a batch: the next piece's first batch starts with them
+    with Background(pieces(), depth=1, name="ajepa-read") as tables:
+        for table in tables:
+            table = table if rest is None else pa.concat_tables([rest, table])
+            full = table.num_rows - table.num_rows % batch_size
+            for begin in range(0, full, batch_size):
+                yield table.slice(begin, batch_size)
+            rest = table.slice(full)
+
+
+def _take_rows(files: TrainFiles, rows: np.ndarray, columns: list[str]) -> pa.Table:
+    """`rows` (indices into the files laid end to end) in that order, reading each file they lie in once."""
+    counts = np.asarray(files.rows, dtype=np.int64)
+    starts = np.cumsum(counts) - counts
+    which = np.searchsorted(starts, rows, side="right") - 1
+    needed = np.unique(which)
+    tables = []
+    for f in needed.tolist():
+        with pq.ParquetFile(files.paths[f]) as parquet:
+            table = parquet.read(columns=columns)
+        if table.num_rows != files.rows[f]:
+            raise StoreError(f"{files.paths[f]}: has {table.num_rows} rows, {files.rows[f]} when training started "
+                             "(the store changed under the run)")
+        tables.append(table)
+    first = np.zeros(len(counts), dtype=np.int64)  # where each file read begins in their concatenation
+    first[needed] = np.cumsum(counts[needed]) - counts[needed]
+    return pa.concat_tables(tables).take(pa.array(rows - starts[which] + first[which]))
 
 
 # ------------------------------------------------------------------------------------------ demo store

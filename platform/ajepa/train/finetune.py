@@ -292,8 +292,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     trainer = Finetuner(cfg, task, config["mean"], config["std"], device, config["encoder_state"], rank, world)
     runs.restore(trainer, Path(config["run_dir"]), ray.train.get_checkpoint())
     eval_set = EvalSet.load(config["store"], task) if rank == 0 else None
-    batches = runs.shard_batches(ray.train.get_dataset_shard("train"), cfg.data.batch_size,
-                                 tuple(config["fbank_shape"]), pin=device.type == "cuda", columns=("label",))
+    batches = runs.host_batches(config, worker, start=trainer.step, columns=("label",))
     ft, m = cfg.finetune, task.metric
     total, global_batch = ft.steps, cfg.data.batch_size * world
     window_start, window_steps = time.perf_counter(), 0
@@ -411,8 +410,7 @@ def run_finetune(cfg: Config, checkpoint: str | None = None, *, store: str | Pat
               f"{len(task.classes)} classes ({task.metric}), encoder {source}, data {store}", flush=True)
         loop_config = {"mean": stats["mean"], "std": stats["std"], "fbank_shape": data.fbank_shape(stats["audio"]),
                        "store": str(store), "task": dataclasses.asdict(task), "encoder_state": encoder_state}
-        result = runs.fit(plan, train_loop_per_worker, loop_config, store, ["fbank", "n_frames", "label"],
-                          cfg.finetune.steps, _progress_text)
+        result = runs.fit(plan, train_loop_per_worker, loop_config, store, cfg.finetune.steps, _progress_text)
         with result.checkpoint.as_directory() as folder:
             state = load_checkpoint(Path(folder) / CHECKPOINT_FILE)
         model = export_model(state, task, plan.run_dir / MODEL_FILE, stats)

@@ -11,8 +11,6 @@ while step s computes: the step itself never waits for the host or for a pageabl
 from __future__ import annotations
 
 import dataclasses
-import queue
-import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -21,6 +19,7 @@ import torch
 from torch import Tensor
 
 from ajepa.audio import Augmentation, draw_augmentation
+from ajepa.background import Background
 from ajepa.config import Config
 from ajepa.masking import Grid, sample_masks
 
@@ -91,36 +90,29 @@ class Prefetcher:
         self.device = device
         self._cuda = device.type == "cuda"
         self._stream = torch.cuda.Stream(device) if self._cuda else None
-        self._queue: queue.Queue = queue.Queue(maxsize=depth)
-        self._stop = threading.Event()
         self._ahead: list[MicroBatch] | tuple[list[MicroBatch], torch.cuda.Event] | BaseException | None = None
-        self._thread = threading.Thread(target=self._produce, args=(plan, batches, grad_accum, first_step),
-                                        name="ajepa-prefetch", daemon=True)
-        self._thread.start()
+        self._planned = Background(self._plan_steps(plan, batches, grad_accum, first_step), depth, "ajepa-prefetch")
 
-    # --------------------------------------------------------------------------- background thread
-    def _produce(self, plan: Callable, batches: Iterator[HostBatch], accum: int, step: int) -> None:
-        try:
-            while not self._stop.is_set():
-                planned = plan(step, [next(batches) for _ in range(accum)])
-                self._put([m.pin_memory() for m in planned] if self._cuda else planned)
-                step += 1
-        except BaseException as exc:  # StopIteration too: the consumer re-raises whatever ended the stream
-            self._put(exc)
-
-    def _put(self, item: object) -> None:
-        while not self._stop.is_set():
+    def _plan_steps(self, plan: Callable, batches: Iterator[HostBatch], accum: int, step: int
+                    ) -> Iterator[list[MicroBatch]]:
+        """Runs on the background thread."""
+        while True:
             try:
-                self._queue.put(item, timeout=0.1)
+                micro = [next(batches) for _ in range(accum)]
+            except StopIteration:  # a generator ends by returning: one that raised it would be a RuntimeError
                 return
-            except queue.Full:
-                continue
+            planned = plan(step, micro)
+            yield [m.pin_memory() for m in planned] if self._cuda else planned
+            step += 1
 
     # ------------------------------------------------------------------------------------ consumer
-    def _fetch(self) -> tuple[list[MicroBatch], torch.cuda.Event | None] | BaseException:
+    def _fetch(self) -> tuple[list[MicroBatch], torch.cuda.Event | None] | list[MicroBatch] | Exception:
         """The thread's next step with its device copy issued, or the exception that ended the stream."""
-        item = self._queue.get()
-        if isinstance(item, BaseException) or not self._cuda:
+        try:
+            item = next(self._planned)
+        except Exception as exc:  # StopIteration too: raised by __next__ at the step that needed it
+            return exc
+        if not self._cuda:
             return item
         with torch.cuda.stream(self._stream):
             moved = [m.to(self.device, non_blocking=True) for m in item]
@@ -149,13 +141,7 @@ class Prefetcher:
         return micro_batches
 
     def close(self) -> None:
-        self._stop.set()
-        while True:  # unblock a producer waiting on a full queue
-            try:
-                self._queue.get_nowait()
-            except queue.Empty:
-                break
-        self._thread.join(timeout=5)
+        self._planned.close()
 
     def __enter__(self) -> Prefetcher:
         return self

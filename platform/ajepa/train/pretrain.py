@@ -194,9 +194,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     local_run_dir = config["local_run_dir"]
     runs.restore(trainer, Path(config["run_dir"]), ray.train.get_checkpoint())
     probe_sets = load_probe_sets(config["eval_store"], cfg.eval.max_clips) if cfg.eval.every and rank == 0 else None
-    batches = ((fbank, n_frames) for fbank, n_frames, _ in runs.shard_batches(
-        ray.train.get_dataset_shard("train"), cfg.data.batch_size, tuple(config["fbank_shape"]),
-        pin=device.type == "cuda"))
+    batches = ((fbank, n_frames) for fbank, n_frames, _ in runs.host_batches(
+        config, worker, start=trainer.step * cfg.optim.grad_accum))
     steps = trainer.prefetch(batches)
     total, accum = cfg.optim.steps, cfg.optim.grad_accum
     global_batch = cfg.data.batch_size * accum * world
@@ -289,8 +288,7 @@ def run_pretrain(cfg: Config, *, store: str | Path | None = None, resume: str | 
               f"data {store}", flush=True)
         loop_config = {"mean": stats["mean"], "std": stats["std"], "fbank_shape": data.fbank_shape(stats["audio"]),
                        "eval_store": eval_store}
-        result = runs.fit(plan, train_loop_per_worker, loop_config, store, ["fbank", "n_frames"], cfg.optim.steps,
-                          _progress_text)
+        result = runs.fit(plan, train_loop_per_worker, loop_config, store, cfg.optim.steps, _progress_text)
         with result.checkpoint.as_directory() as folder:
             state = load_checkpoint(Path(folder) / CHECKPOINT_FILE)
         encoder = export_encoder(state, plan.run_dir / ENCODER_FILE, stats)

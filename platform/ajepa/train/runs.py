@@ -2,8 +2,8 @@
 
 Driver side: the store a job reads, run naming, the run folder with its `run.json` record, `--resume`, the
 MLflow run (FINISHED, FAILED on any error, KILLED on Ctrl-C) and the Ray Train `TorchTrainer` with its failure
-handling and the progress line. Worker side: the data shard as batches, checkpoints reported through the
-collective `ray.train.report`, `restore()` from the newest complete checkpoint and the fault-injection hook.
+handling and the progress line. Worker side: the rank's batches from the restored step on, checkpoints reported
+through the collective `ray.train.report`, `restore()` from the newest complete checkpoint and the fault hook.
 
 A job plugs in its loop and its trainer. A trainer is any object with `step`, `save(path)`, `load(path)`
 (raising `CheckpointError`) and `checkpoint_file`, the file name inside each `step_XXXXXXXX` folder.
@@ -12,6 +12,7 @@ A job plugs in its loop and its trainer. A trainer is any object with `step`, `s
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -67,21 +68,6 @@ def read_checkpoint(path: Path, kind: str, keys: set[str]) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------ Ray worker
 
 
-def shard_batches(shard: Any, batch_size: int, shape: tuple[int, int], pin: bool,
-                  columns: tuple[str, ...] = ()) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict[str, Any]]]:
-    """Endless full batches from this worker's shard: (fbank, n_frames, {column: numpy array} for `columns`).
-    The trainer splits with equal=True and the last partial batch is dropped, so every rank sees the same number
-    of batches per epoch (no DDP hang)."""
-    from ajepa.data import decode_fbank
-
-    while True:
-        for batch in shard.iter_batches(batch_size=batch_size, drop_last=True, batch_format="numpy"):
-            # One copy from Arrow's read-only bytes into (pinned) memory that torch owns.
-            fbank = torch.empty((batch_size, *shape), dtype=torch.float16, pin_memory=pin)
-            decode_fbank(batch["fbank"], shape, out=fbank.numpy())
-            yield fbank, torch.from_numpy(batch["n_frames"].astype(np.int64)), {c: batch[c] for c in columns}
-
-
 @dataclass
 class Worker:
     """What a loop needs of its place in the worker group."""
@@ -108,6 +94,26 @@ def worker_setup(config: dict[str, Any]) -> Worker:
         torch.set_num_threads(cfg.run.torch_threads or max(1, round(cfg.run.cpus_per_worker)))
     tracker = Tracker.attach(config["tracking_uri"], config["mlflow_run_id"]) if rank == 0 else NullTracker()
     return Worker(cfg, rank, world, device, tracker)
+
+
+def host_batches(config: dict[str, Any], worker: Worker, start: int, columns: tuple[str, ...] = ()
+                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict[str, Any]]]:
+    """This worker's batches without end, from its micro-batch `start` of the run on (the restored step, times
+    grad_accum where a step takes several): (fbank, n_frames, {column: numpy array} for `columns`).
+
+    In `data.train_batches`' order: a function of (run.seed, epoch), the same number of full batches per epoch
+    on every rank (no DDP hang), so a restarted or resumed run continues the unbroken run's batches exactly."""
+    from ajepa.data import TrainFiles, decode_fbank, train_batches
+
+    cfg, shape, pin = worker.cfg, tuple(config["fbank_shape"]), worker.device.type == "cuda"
+    tables = train_batches(TrainFiles(**config["train_files"]), ["fbank", "n_frames", *columns], cfg.data.batch_size,
+                           cfg.run.seed, worker.rank, worker.world, cfg.data.shuffle_window, start)
+    for table in tables:
+        # One copy from Arrow's bytes into (pinned) memory that torch owns.
+        fbank = torch.empty((table.num_rows, *shape), dtype=torch.float16, pin_memory=pin)
+        decode_fbank(table.column("fbank").to_pylist(), shape, out=fbank.numpy())
+        n_frames = torch.from_numpy(table.column("n_frames").to_numpy().astype(np.int64))
+        yield fbank, n_frames, {c: table.column(c).to_numpy() for c in columns}
 
 
 def maybe_fail(config: dict[str, Any], step: int, worker: Worker) -> None:
@@ -180,6 +186,9 @@ def resolve_store(cfg: Config, store: str | Path | None) -> Path:
 
 
 def check_store(cfg: Config, stats: dict[str, Any], store: Path, workers: int) -> None:
+    from ajepa.data import check_version
+
+    check_version(stats, store)
     audio = stats["audio"]
     if audio["num_mel_bins"] != cfg.audio.num_mel_bins:
         raise ConfigError(f"audio.num_mel_bins: config says {cfg.audio.num_mel_bins}, store {store} has "
@@ -290,12 +299,11 @@ def open_run(plan: RunPlan, store: Path, params: dict[str, Any], record: dict[st
 
 
 def fit(plan: RunPlan, loop: Callable[[dict[str, Any]], None], loop_config: dict[str, Any], store: Path,
-        columns: list[str], total: int, describe: Callable[[dict[str, float]], str]) -> Any:
-    """Run `loop` on Ray Train and return its Result. Its "train" dataset shard holds `columns` of the store's
-    train split, shuffled once. The loop gets `loop_config` plus the shared keys: config,
-    tracking_uri, mlflow_run_id, progress (a queue for rank 0's metrics, which the driver prints as
-    `<job>: step/total steps, describe(metrics), ETA`), run_dir, local_run_dir (in-process runs: Ray keeps no
-    checkpoint copy), fault_marker and fault_at_step."""
+        total: int, describe: Callable[[dict[str, float]], str]) -> Any:
+    """Run `loop` on Ray Train and return its Result. The loop gets `loop_config` plus the shared keys: config,
+    train_files (the store's train split, which `train_batches` reads), tracking_uri, mlflow_run_id, progress (a
+    queue for rank 0's metrics, which the driver prints as `<job>: step/total steps, describe(metrics), ETA`),
+    run_dir, local_run_dir (in-process runs: Ray keeps no checkpoint copy), fault_marker and fault_at_step."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     from ray.util.queue import Queue
@@ -304,11 +312,13 @@ def fit(plan: RunPlan, loop: Callable[[dict[str, Any]], None], loop_config: dict
     from ajepa.runtime import init_ray
 
     cfg, run_dir = plan.cfg, plan.run_dir
-    init_ray()  # before any Ray Data call: one would start a default Ray of its own
+    # Listed once, here: every rank computes the data order from the same files and row counts.
+    train_files = dataclasses.asdict(data.train_files(store))
+    init_ray()  # before any Ray call (the queue's actor): one would start a default Ray of its own
     progress = Queue(actor_options={"num_cpus": 0})  # rank 0's metrics at every log step, for the driver
-    loop_config = {**loop_config, "config": cfg.to_dict(), "tracking_uri": plan.record["tracking_uri"],
-                   "mlflow_run_id": plan.record["mlflow_run_id"], "progress": progress,
-                   "fault_marker": str(run_dir / "fault_injected"), "run_dir": str(run_dir),
+    loop_config = {**loop_config, "config": cfg.to_dict(), "train_files": train_files,
+                   "tracking_uri": plan.record["tracking_uri"], "mlflow_run_id": plan.record["mlflow_run_id"],
+                   "progress": progress, "fault_marker": str(run_dir / "fault_injected"), "run_dir": str(run_dir),
                    "local_run_dir": str(run_dir) if cfg.run.workers == 0 else ""}
     if os.environ.get(FAULT_ENV):
         loop_config["fault_at_step"] = int(os.environ[FAULT_ENV])
@@ -323,7 +333,6 @@ def fit(plan: RunPlan, loop: Callable[[dict[str, Any]], None], loop_config: dict
                              checkpoint_config=CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS),
                              failure_config=FailureConfig(max_failures=cfg.run.max_failures),
                              callbacks=plan.trial.callbacks if plan.trial else None),
-        datasets={"train": data.read_store(store, "train", columns=columns).random_shuffle()},
     )
     with _ctrl_c_is_keyboard_interrupt(), _training_progress(progress, total, plan.job, describe):
         return trainer.fit()
@@ -350,7 +359,7 @@ def _training_progress(queue: Any, total: int, job: str, describe: Callable[[dic
     from ajepa.progress import Progress, polling
 
     bar = Progress(f"{job}:", total, "steps", keep=True)
-    first: list[tuple[float, int]] = []  # (time, step) of the first report, for an ETA that spans epoch stalls
+    first: list[tuple[float, int]] = []  # (time, step) of the first report, for an ETA that spans probes' stalls
 
     def poll() -> None:
         for m in queue.get_nowait_batch(queue.qsize()):
