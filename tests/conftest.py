@@ -1,12 +1,18 @@
+import contextlib
 import csv
 import io
 import os
 import pty
 import select
 import shutil
+import signal
+import socket
 import subprocess
+import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +24,9 @@ import soundfile as sf
 USER_STATE_VARS = ("AJEPA_CACHE", "MLFLOW_TRACKING_URI", "RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN",
                    "RAY_AUTH_TOKEN_PATH", "XDG_CACHE_HOME", "XDG_CONFIG_HOME", "XDG_DATA_HOME")
 REAL_HOME = Path.home()
+RAY = str(Path(sys.executable).parent / "ray")
 _home_key = pytest.StashKey[Path]()
+_ray_tmp_key = pytest.StashKey[Path]()
 
 
 def fresh_user_env(home: Path) -> dict[str, str]:
@@ -35,12 +43,20 @@ def pytest_configure(config: pytest.Config) -> None:
     for key in USER_STATE_VARS:
         os.environ.pop(key, None)
     os.environ["HOME"] = str(home)
+    # Ray's temp root too (sessions, and the record of a `ray start` cluster that a job without RAY_ADDRESS
+    # joins): a cluster someone started on this machine, or another checkout's test head, must not be joined.
+    # Short, in /tmp: Ray's Unix sockets live under it and their paths must stay under 107 characters.
+    config.stash[_ray_tmp_key] = ray_tmp = Path(tempfile.mkdtemp(prefix="ajepa-ray-", dir="/tmp"))
+    os.environ["RAY_TMPDIR"] = str(ray_tmp)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
     if (home := config.stash.get(_home_key, None)) is not None:
         os.environ["HOME"] = str(REAL_HOME)
         shutil.rmtree(home, ignore_errors=True)
+    if (ray_tmp := config.stash.get(_ray_tmp_key, None)) is not None:
+        os.environ.pop("RAY_TMPDIR", None)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -52,6 +68,69 @@ def ray_local():
     init_ray(num_cpus=2)
     yield ray
     ray.shutdown()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass(frozen=True)
+class RayHead:
+    env: dict[str, str]  # a shell on the head node: its HOME (token), Ray temp root, RAY_AUTH_MODE=token, venv
+    dashboard: str  # the job server, http://127.0.0.1:PORT
+    gcs: str  # host:port, as `ray start` recorded it in <RAY_TMPDIR>/ray/ray_current_cluster
+
+
+@contextlib.contextmanager
+def ray_head(home: Path, timeout: float = 120) -> Iterator[RayHead]:
+    """A real head started with `ray start` as the README says, on a machine that has never run Ray: a fresh
+    HOME (no ~/.ray/auth_token), `ray get-auth-token --generate`, token auth on. Its own Ray temp root, so
+    its `ray start` record is seen only by processes given its env. Stopped through its process group:
+    `ray stop` would stop every Ray on the machine, other users' too."""
+    ray_tmp = Path(tempfile.mkdtemp(prefix="ajepa-head-", dir="/tmp"))  # short: Ray's socket paths live under it
+    # The venv is "activated" so that a submitted job's `python` is the one ajepa's dependencies live in.
+    env = {**fresh_user_env(home), "RAY_AUTH_MODE": "token", "RAY_TMPDIR": str(ray_tmp),
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    subprocess.run([RAY, "get-auth-token", "--generate"], env=env, capture_output=True, text=True, check=True)
+    dashboard = free_port()
+    # Every port on free ones: the suite's own local cluster holds the default agent ports, and a second
+    # node agent on a taken port never registers ("No available agent to submit job").
+    ports = [f"--{name}={free_port()}" for name in ("port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                                     "runtime-env-agent-port", "metrics-export-port")]
+    head = subprocess.Popen(
+        [RAY, "start", "--head", "--block", "--num-cpus=2", "--disable-usage-stats", *ports,
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--include-dashboard=true"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        record = ray_tmp / "ray" / "ray_current_cluster"
+        deadline = time.monotonic() + timeout
+        while not record.exists():  # written once the head is up
+            assert head.poll() is None and time.monotonic() < deadline, "the head did not start"
+            time.sleep(0.5)
+        yield RayHead(env, f"http://127.0.0.1:{dashboard}", record.read_text().strip())
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait(timeout=30)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def submit_job(head: RayHead, args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+    """`ray job submit --address <head> ARGS`, retried while the job server and its agent come up (a few
+    seconds, longer on a busy machine)."""
+    deadline = time.monotonic() + 180
+    while True:
+        done = subprocess.run([RAY, "job", "submit", "--address", head.dashboard, *args], env=head.env,
+                              capture_output=True, text=True, timeout=timeout)
+        not_up = any(m in done.stdout + done.stderr for m in ("Failed to connect", "No available agent"))
+        if done.returncode == 0 or not not_up or time.monotonic() > deadline:
+            return done
+        time.sleep(3)
 
 
 def tone(seconds: float, rate: int, channels: int = 1, freq: float = 440.0, seed: int = 0) -> np.ndarray:

@@ -25,6 +25,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one config value, e.g. --set optim.lr=1e-3 (repeatable)")
     parser.add_argument("--out", type=Path, default=None, help="output folder")
+    parser.add_argument("--address", default=None, metavar="ADDRESS",
+                        help="Ray cluster to join (host:port, ray://host:port) or 'local' for a new local Ray; "
+                             "default: RAY_ADDRESS, else the cluster `ray start` runs on this node, else local")
     parser.add_argument("--verbose", action="store_true",
                         help="also show Ray's own logs (workers, Train, Ray Data); same as AJEPA_VERBOSE=1")
 
@@ -225,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     from ajepa.train.runs import CheckpointError
 
     args = _parser().parse_args(argv)
+    if args.address:
+        os.environ["RAY_ADDRESS"] = args.address  # read where Ray starts (runtime.cluster_address), as RAY_ADDRESS
     if args.verbose:
         os.environ[VERBOSE_ENV] = "1"  # read where Ray starts, and inherited by the processes it starts
     try:
