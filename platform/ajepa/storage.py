@@ -148,8 +148,8 @@ class Location:
 
     def upload(self, local: Path) -> None:
         """Copy a local file, or a local folder's contents, to here."""
-        if self.is_local:
-            self.parent.mkdir()
+        if self.is_local:  # copy_files makes the sub-folders of a folder it copies, not the folder itself
+            (self if local.is_dir() else self.parent).mkdir()
         pafs.copy_files(str(local), self.path, source_filesystem=_LOCAL, destination_filesystem=self.fs)
 
     @contextlib.contextmanager
