@@ -153,3 +153,26 @@ def test_store_build_pretraining_checkpoint_and_resume(where, tones, local_store
     assert [m.step for m in client.get_metric_history(resumed.mlflow_run_id, "loss")] == [2, 4, 6]
     again = pretrain.run_pretrain(load_config(None), resume=str(run_dir), overrides=["optim.steps=8"])
     assert again.step == 8, "a run folder's URI resumes it from anywhere"
+
+
+@pytest.mark.slow
+def test_a_sweep_keeps_its_trials_and_tunes_state_in_the_bucket(s3_bucket, local_store, tmp_path, monkeypatch):
+    """Tune's storage (RunConfig and restore with storage_filesystem), each trial's run folder and the results in
+    object storage; the trials resolve the sweep's URI in their own processes."""
+    from ajepa.sweep import COMPLETED, SweepSettings, run_sweep
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    space = tmp_path / "space.yaml"
+    space.write_text("optim.lr: {grid: [1.0e-3]}\n")
+    cfg = micro_cfg("data.batch_size=2", "run.cpus_per_worker=0.25", "run.torch_threads=1", "run.log_every=2",
+                    "run.checkpoint_every=2", "optim.steps=4", "eval.every=4", "eval.max_clips=8", "run.name=sweep",
+                    f"run.out_dir={s3_bucket}/runs")
+    result = run_sweep(cfg, space, SweepSettings(scheduler="fifo"), store=local_store)
+    assert [t.reason for t in result.trials] == [COMPLETED]
+    sweep_dir = storage.resolve(f"{s3_bucket}/runs/sweep")
+    assert str(result.run_dir) == str(sweep_dir) and str(result.results) == str(sweep_dir / "results.csv")
+    assert len((sweep_dir / "results.csv").read_text().splitlines()) == 2
+    trial = result.trials[0].name
+    assert (sweep_dir / trial / "encoder.safetensors").is_file()
+    assert [c.name for c in pretrain.local_checkpoints(sweep_dir / trial)] == ["step_00000002", "step_00000004"]
+    assert (sweep_dir / "tune").is_dir() and (sweep_dir / "space.yaml").read_text() == space.read_text()
