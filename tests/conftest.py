@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,9 @@ REAL_HOME = Path.home()
 RAY = str(Path(sys.executable).parent / "ray")
 _home_key = pytest.StashKey[Path]()
 _ray_tmp_key = pytest.StashKey[Path]()
+# Object storage: the tests' own S3 server (moto, on 127.0.0.1) and dummy credentials, never the developer's.
+S3_ENDPOINT_ENV = "AWS_ENDPOINT_URL_S3"
+S3_TEST_ENV = {"AWS_ACCESS_KEY_ID": "ajepa-test", "AWS_SECRET_ACCESS_KEY": "ajepa-test", "AWS_REGION": "us-east-1"}
 
 
 def fresh_user_env(home: Path) -> dict[str, str]:
@@ -40,7 +44,9 @@ def pytest_configure(config: pytest.Config) -> None:
     a token left in the real ~/.ray by earlier runs once hid a missing `ray get-auth-token` step."""
     home = Path(tempfile.mkdtemp(prefix="ajepa-test-home-"))
     config.stash[_home_key] = home
-    for key in USER_STATE_VARS:
+    from ajepa.storage import CREDENTIAL_ENV
+
+    for key in (*USER_STATE_VARS, *CREDENTIAL_ENV):
         os.environ.pop(key, None)
     os.environ["HOME"] = str(home)
     # Ray's temp root too (sessions, and the record of a `ray start` cluster that a job without RAY_ADDRESS
@@ -48,6 +54,9 @@ def pytest_configure(config: pytest.Config) -> None:
     # Short, in /tmp: Ray's Unix sockets live under it and their paths must stay under 107 characters.
     config.stash[_ray_tmp_key] = ray_tmp = Path(tempfile.mkdtemp(prefix="ajepa-ray-", dir="/tmp"))
     os.environ["RAY_TMPDIR"] = str(ray_tmp)
+    # Set before any Ray starts, so its workers have them too; the server itself starts with `s3_server`.
+    os.environ.update(S3_TEST_ENV)
+    os.environ[S3_ENDPOINT_ENV] = f"http://127.0.0.1:{_free_port()}"
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -57,6 +66,44 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     if (ray_tmp := config.stash.get(_ray_tmp_key, None)) is not None:
         os.environ.pop("RAY_TMPDIR", None)
         shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-compatible server (moto's standalone server) on 127.0.0.1, at the endpoint the session's
+    AWS_ENDPOINT_URL_S3 names; yields that endpoint."""
+    endpoint = os.environ[S3_ENDPOINT_ENV]
+    port = endpoint.rsplit(":", 1)[1]
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", port],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while True:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", int(port))) == 0:
+                break
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"moto server did not start on {endpoint}")
+        time.sleep(0.2)
+    yield endpoint
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture
+def s3_bucket(s3_server) -> str:
+    """A new, empty bucket on the test S3 server: its s3:// URI."""
+    import pyarrow.fs as pafs
+
+    name = f"ajepa-{uuid.uuid4().hex[:12]}"
+    pafs.S3FileSystem(endpoint_override=s3_server, allow_bucket_creation=True).create_dir(name)
+    return f"s3://{name}"
 
 
 @pytest.fixture(scope="session")

@@ -112,13 +112,14 @@ def test_a_job_on_a_cluster_node_without_ray_address_joins_that_cluster(head, jo
 
 @pytest.mark.slow
 def test_a_submitted_job_with_its_own_runtime_env_runs_and_sees_its_env_vars(head, joined, tmp_path):
-    """`--runtime-env-json` env vars reach the job; one that init_ray sets too (the print patch) is the job's."""
+    """`--runtime-env-json` env vars reach the job; one that init_ray sets too (the print patch) is the job's.
+    The run folder is a file:// URI, as a bucket's would be a URI."""
     store, _ = joined
     tracking = f"sqlite:///{tmp_path / 'elsewhere.db'}"
     job_env = {"env_vars": {"MLFLOW_TRACKING_URI": tracking, "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}
     done = submit_job(head, [
         "--working-dir", str(ROOT), "--runtime-env-json", json.dumps(job_env), "--", "python", "jobs/pretrain.py",
-        "--data", str(store), "--out", str(tmp_path / "runs"), "--workers", "1", "--steps", "2",
+        "--data", str(store), "--out", (tmp_path / "runs").as_uri(), "--workers", "1", "--steps", "2",
         *(arg for kv in [*MICRO, "run.cpus_per_worker=0.5", "run.torch_threads=1", "run.log_every=1",
                          "eval.every=0"] for arg in ("--set", kv))])
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -127,3 +128,5 @@ def test_a_submitted_job_with_its_own_runtime_env_runs_and_sees_its_env_vars(hea
     client = mlflow.MlflowClient(tracking)
     (run,) = client.search_runs([client.get_experiment_by_name("ajepa").experiment_id])
     assert run.info.status == "FINISHED"
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert (run_dir / "run.json").exists() and list(run_dir.glob("step_*/pretrain.pt"))

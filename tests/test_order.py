@@ -2,7 +2,6 @@
 resumable at any micro-batch. Pure index functions first (no store), then a real store built by local Ray."""
 
 import csv
-import dataclasses
 import itertools
 import json
 import shutil
@@ -190,7 +189,7 @@ def test_two_ray_train_workers_take_equal_full_batches_and_resume_exactly(store,
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray's workers cannot import this test module
     cfg = micro_cfg("data.batch_size=4", "data.shuffle_window=20")
-    config = {"config": cfg.to_dict(), "train_files": dataclasses.asdict(data.train_files(store)),
+    config = {"config": cfg.to_dict(), "train_files": data.train_files(store),
               "fbank_shape": [16, 128], "steps": 15, "resume_at": 8, "out": str(tmp_path)}
     TorchTrainer(_record_loop, train_loop_config=config,
                  scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),

@@ -321,7 +321,7 @@ def test_in_process_run_keeps_its_checkpoints_and_resumes_from_them(tmp_path, sm
     cfg = micro_cfg("run.workers=0", "run.torch_threads=1", "optim.steps=6", "run.log_every=2",
                     "run.checkpoint_every=2", "eval.every=0", "run.name=inproc", f"run.out_dir={tmp_path}")
     first = pretrain.run_pretrain(cfg, store=small_store)
-    assert first.step == 6 and first.checkpoint == tmp_path / "inproc" / "step_00000006"
+    assert first.step == 6 and Path(first.checkpoint) == tmp_path / "inproc" / "step_00000006"
     assert [p.name for p in pretrain.local_checkpoints(tmp_path / "inproc")] == ["step_00000004", "step_00000006"]
     assert load_file(str(first.encoder))
     resumed = pretrain.run_pretrain(load_config(None, [f"run.out_dir={tmp_path}"]), resume="inproc",

@@ -24,7 +24,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
                         help="YAML config or a shipped config's name: tiny (default, CPU), small, base, large")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one config value, e.g. --set optim.lr=1e-3 (repeatable)")
-    parser.add_argument("--out", type=Path, default=None, help="output folder")
+    parser.add_argument("--out", default=None,
+                        help="output folder: a local path or a URI (s3://bucket/runs, gs://..., file:///...)")
     parser.add_argument("--address", default=None, metavar="ADDRESS",
                         help="Ray cluster to join (host:port, ray://host:port) or 'local' for a new local Ray; "
                              "default: RAY_ADDRESS, else the cluster `ray start` runs on this node, else local")
@@ -45,12 +46,13 @@ def _parser() -> argparse.ArgumentParser:
 
     pre = sub.add_parser("pretrain", help="A-JEPA pretraining on Ray Train")
     _common(pre)
-    pre.add_argument("--data", default=None, help="spectrogram store (default: data.store, else the demo store)")
+    pre.add_argument("--data", default=None,
+                     help="spectrogram store, a path or URI (default: data.store, else the demo store)")
     pre.add_argument("--steps", type=int, default=None, help="total optimizer steps (schedules scale to it)")
     pre.add_argument("--workers", type=int, default=None, help="Ray Train workers (0: in-process)")
     pre.add_argument("--gpus-per-worker", type=float, default=None)
     pre.add_argument("--resume", default=None, metavar="RUN_OR_PATH",
-                     help="continue a run from its last checkpoint (run name under --out, or its folder)")
+                     help="continue a run from its last checkpoint (run name under --out, or its folder or URI)")
     pre.set_defaults(func=pretrain)
 
     ft = sub.add_parser("finetune", help="fine-tune a pretrained encoder with a classifier head on Ray Train")
@@ -110,7 +112,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def prepare_data(args: argparse.Namespace) -> int:
-    from ajepa import data
+    from ajepa import data, storage
 
     cfg = load_config(args.config, args.overrides).audio
     if args.input == "demo" and args.out is None:
@@ -124,7 +126,7 @@ def prepare_data(args: argparse.Namespace) -> int:
         return 0
     if args.out is None:
         raise data.StoreError("--out is required unless --input is demo")
-    if args.out.exists() and not args.overwrite:
+    if storage.resolve(args.out).exists() and not args.overwrite:
         raise data.StoreError(f"{args.out}: already exists; pass --overwrite to replace it")
     source = data.demo_manifest() if args.input == "demo" else Path(args.input)
     summary = data.build_store(source, args.out, cfg, overwrite=args.overwrite)

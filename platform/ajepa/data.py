@@ -1,6 +1,7 @@
 """The spectrogram store: Ray Data turns audio files into sharded Parquet once; training streams it back.
 
-Store layout (a folder on any filesystem the cluster shares):
+Store layout (a folder on any filesystem the cluster shares: a local path or an s3://, gs://, file:// URI, through
+storage.py):
 
     split=train/*.parquet   id, path, label, [extra manifest columns], fbank (T x F float16, raw bytes),
     split=val/*.parquet     n_frames, frame_sum, frame_sumsq (over real frames, for the stats)
@@ -26,10 +27,10 @@ import contextlib
 import csv
 import dataclasses
 import hashlib
+import io
 import json
 import math
 import os
-import shutil
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -39,13 +40,15 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from ajepa import order
+from ajepa import order, storage
 from ajepa.audio import AudioError, spectrogram_from_bytes
 from ajepa.background import Background
 from ajepa.config import AudioConfig
 from ajepa.progress import Progress, polling
+from ajepa.storage import Location
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".mp3", ".aiff", ".aif", ".au", ".w64", ".caf")
 SPLITS = ("train", "val", "test")
@@ -69,7 +72,7 @@ class Clip:
 
 @dataclass
 class StoreSummary:
-    out: Path
+    out: Location
     written: int
     failed: int
     counts: dict[str, int]
@@ -227,7 +230,7 @@ def rows_per_task(n_rows: int, cpus: int) -> int:
     return max(16, min(256, math.ceil(n_rows / (8 * max(cpus, 1)))))
 
 
-def _staging_dir(out: Path) -> Path:
+def _staging_dir(out: Location) -> Location:
     return out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
 
 
@@ -235,14 +238,15 @@ def build_store(source: str | Path, out: str | Path, cfg: AudioConfig, *, overwr
     """Build a spectrogram store from a folder or a CSV manifest with Ray Data.
 
     Written to a hidden staging folder beside `out` and renamed at the end: a crash leaves no half store,
-    and an existing store is only replaced (with `overwrite`) once the new one is complete.
+    and an existing store is only replaced (with `overwrite`) once the new one is complete. `out` is a local
+    path or a URI; the build's tasks write there directly.
     """
     import ray
     import ray.data
 
     from ajepa.runtime import init_ray
 
-    source, out = Path(source).expanduser(), Path(out).expanduser().absolute()
+    source, out = Path(source).expanduser(), storage.resolve(out)
     if out.exists() and not overwrite:
         raise StoreError(f"{out}: already exists; pass --overwrite to replace it")
     clips = list_inputs(source)
@@ -253,7 +257,7 @@ def build_store(source: str | Path, out: str | Path, cfg: AudioConfig, *, overwr
     # (a folder per class) would make files of one class. Training reads files in a seeded order and mixes
     # rows only within a bounded window (order.py), never the whole split again.
     rows = [rows[i] for i in np.random.default_rng(BUILD_SEED).permutation(len(rows))]
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out.parent.mkdir()
     print(f"store build: {len(rows)} clips from {source} -> {out}", flush=True)
     init_ray()  # only now: bad input is reported without waiting for a cluster
     staging = _staging_dir(out)
@@ -268,28 +272,29 @@ def build_store(source: str | Path, out: str | Path, cfg: AudioConfig, *, overwr
         ds = ds.map_batches(process_batch, fn_kwargs={"cfg": cfg}, batch_size=per_task, batch_format="numpy")
         # One file per task: min_rows_per_file would funnel every row through a single writer task.
         with _build_progress(staging / "rows", len(rows)):
-            ds.write_parquet(str(staging / "rows"), partition_cols=["status", "split"])
+            ds.write_parquet(staging.path + "/rows", filesystem=staging.fs, partition_cols=["status", "split"])
         summary = _finalise(staging, out, cfg, source, overwrite)
     finally:
         context.op_resource_reservation_enabled = reservation
-        shutil.rmtree(staging, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            staging.delete()
     return summary
 
 
 @contextlib.contextmanager
-def _build_progress(rows: Path, total: int):
+def _build_progress(rows: Location, total: int):
     """Clips done, clips/s, failures so far and ETA while the build runs, counted from the Parquet files its
     tasks have written under `rows` (each task writes its rows when it ends)."""
     bar = Progress("store build:", total, "clips", every_s=10)
-    counted: dict[Path, int] = {}
+    counted: dict[str, int] = {}
 
     def poll() -> None:
-        for path in rows.rglob("*.parquet"):
-            if path not in counted:
+        for f in rows.files(recursive=True):
+            if f.path.endswith(".parquet") and f.path not in counted:
                 with contextlib.suppress(OSError, pa.ArrowInvalid):  # still being written: counted next time
-                    counted[path] = pq.read_metadata(path).num_rows
+                    counted[f.path] = pq.read_metadata(f.path, filesystem=f.fs).num_rows
         done = sum(counted.values())
-        failed = sum(n for path, n in counted.items() if "status=failed" in path.parts)
+        failed = sum(n for path, n in counted.items() if "/status=failed/" in path)
         bar.update(done, f"{bar.rate(done):.1f} clips/s, {failed} failed")
 
     try:
@@ -299,13 +304,14 @@ def _build_progress(rows: Path, total: int):
         bar.close()
 
 
-def _read_partition(folder: Path, columns: list[str]) -> pa.Table:
+def _read_partition(folder: Location, columns: list[str]) -> pa.Table:
     if not folder.exists():
         return pa.table({c: pa.array([], pa.string()) for c in columns})
-    return pads.dataset(folder, format="parquet", partitioning="hive").to_table(columns=columns)
+    return pads.dataset(folder.path, filesystem=folder.fs, format="parquet", partitioning="hive").to_table(
+        columns=columns)
 
 
-def _finalise(staging: Path, out: Path, cfg: AudioConfig, source: Path, overwrite: bool) -> StoreSummary:
+def _finalise(staging: Location, out: Location, cfg: AudioConfig, source: Path, overwrite: bool) -> StoreSummary:
     rows = staging / "rows"
     failed = _read_partition(rows / "status=failed", ["path", "reason"]).to_pylist()
     ok = rows / "status=ok"
@@ -313,21 +319,25 @@ def _finalise(staging: Path, out: Path, cfg: AudioConfig, source: Path, overwrit
         raise StoreError(f"{source}: every one of {len(failed)} audio files failed; first: "
                          f"{failed[0]['path']}: {failed[0]['reason']}")
     store = staging / "store"
-    ok.rename(store)
+    ok.move_to(store)
     meta = _read_partition(store, ["label", "split", "n_frames", "frame_sum", "frame_sumsq"])
-    with (store / "failures.csv").open("w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["path", "reason"])
-        writer.writerows(sorted((r["path"], r["reason"]) for r in failed))
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(["path", "reason"])
+    writer.writerows(sorted((r["path"], r["reason"]) for r in failed))
+    (store / "failures.csv").write_text(text.getvalue())
     stats = _stats(meta, cfg, len(failed), source)
-    (store / "stats.json").write_text(json.dumps(stats, indent=2))
     if out.exists() and overwrite:
         old = _staging_dir(out)
-        out.rename(old)
-        store.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
+        out.move_to(old)
+        store.move_to(out)
+        with contextlib.suppress(OSError):
+            old.delete()
     else:
-        store.rename(out)
+        store.move_to(out)
+    # Written last, into the store's final place: object storage moves a folder file by file, so only a store
+    # with its stats.json is whole (readers refuse one without).
+    (out / "stats.json").write_text(json.dumps(stats, indent=2))
     return StoreSummary(out, meta.num_rows, len(failed), stats["counts"], stats["classes"], stats["mean"], stats["std"])
 
 
@@ -377,8 +387,8 @@ def decode_fbank(column: Any, shape: tuple[int, int], out: np.ndarray | None = N
     return out
 
 
-def read_stats(store: str | Path) -> dict[str, Any]:
-    path = Path(store) / "stats.json"
+def read_stats(store: str | Path | Location) -> dict[str, Any]:
+    path = storage.resolve(store) / "stats.json"
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
@@ -388,16 +398,17 @@ def read_stats(store: str | Path) -> dict[str, Any]:
         raise StoreError(f"{path}: unreadable ({exc})") from None
 
 
-def _split_dirs(store: Path, split: str | None) -> list[str]:
+def _split_dirs(store: Location, split: str | None) -> list[Location]:
     splits = SPLITS if split is None else (split,)
     if split is not None and split not in SPLITS:
         raise StoreError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
-    return [str(store / f"split={s}") for s in splits if (store / f"split={s}").exists()]
+    return [store / f"split={s}" for s in splits if (store / f"split={s}").exists()]
 
 
-def _parquet_files(folder: str) -> list[str]:
-    """A split folder's files, in the one order every reader lists them in (row indices refer to it)."""
-    return sorted(str(f) for f in Path(folder).glob("*.parquet"))
+def _parquet_files(folder: Location) -> list[str]:
+    """A split folder's files (paths in its filesystem), in the one order every reader lists them in (row indices
+    refer to it)."""
+    return [f.path for f in folder.files() if f.path.endswith(".parquet")]
 
 
 @dataclass
@@ -414,13 +425,12 @@ class StoreArrays:
         return len(self.ids)
 
 
-def _split_table(store: Path, split: str | None, columns: list[str] | None = None,
+def _split_table(store: Location, split: str | None, columns: list[str] | None = None,
                  rows: list[int] | None = None) -> pa.Table:
     """A split (None: all) as one table; with `rows` (indices into it), only those rows are read from disk."""
     tables, offset = [], 0
-    for path in _split_dirs(store, split):
-        files = _parquet_files(path)
-        dataset = pads.dataset(files, format="parquet")
+    for folder in _split_dirs(store, split):
+        dataset = pads.dataset(_parquet_files(folder), filesystem=folder.fs, format="parquet")
         if rows is None:
             table = dataset.to_table(columns=columns)
         else:
@@ -428,29 +438,31 @@ def _split_table(store: Path, split: str | None, columns: list[str] | None = Non
             local = [r - offset for r in rows if offset <= r < offset + n]
             table = dataset.take(pa.array(local, type=pa.int64()), columns=columns)
             offset += n
-        tables.append(table.append_column("split", pa.array([path.rsplit("=", 1)[1]] * table.num_rows)))
+        tables.append(table.append_column("split", pa.array([folder.name.split("=", 1)[1]] * table.num_rows)))
     if not tables or not sum(t.num_rows for t in tables):
         raise StoreError(f"{store}: has no rows in split {split!r}")
     return pa.concat_tables(tables, promote_options="default")
 
 
-def read_labels(store: str | Path, split: str | None = None, column: str = "label") -> list[str]:
+def read_labels(store: str | Path | Location, split: str | None = None, column: str = "label") -> list[str]:
     """One column of a split alone, the labels by default (cheap at any store size)."""
-    return _split_table(Path(store), split, columns=[column]).column(column).to_pylist()
+    return _split_table(storage.resolve(store), split, columns=[column]).column(column).to_pylist()
 
 
-def store_columns(store: str | Path) -> list[str]:
+def store_columns(store: str | Path | Location) -> list[str]:
     """The columns of a store's rows (the extra manifest columns among them), read from its schema only."""
-    first = next(Path(store).glob("split=*/*.parquet"), None)  # every file has every column
-    if first is None:
+    store = storage.resolve(store)
+    first = next((f for d in _split_dirs(store, None) for f in _parquet_files(d)), None)
+    if first is None:  # every file has every column
         raise StoreError(f"{store}: no clips in any split")
-    return pq.read_schema(first).names
+    return pq.read_schema(first, filesystem=store.fs).names
 
 
-def load_store(store: str | Path, split: str | None = None, rows: list[int] | None = None) -> StoreArrays:
+def load_store(store: str | Path | Location, split: str | None = None, rows: list[int] | None = None
+               ) -> StoreArrays:
     """Read a split (None: all), or the given rows of it, into memory with pyarrow, no Ray: for the small
     sets probes and tests use. Only the rows asked for are read."""
-    store = Path(store)
+    store = storage.resolve(store)
     audio = read_stats(store)["audio"]
     table = _split_table(store, split, rows=rows)
     fbank = decode_fbank(table.column("fbank").to_pylist(), fbank_shape(audio))
@@ -465,13 +477,15 @@ def load_store(store: str | Path, split: str | None = None, rows: list[int] | No
 
 @dataclass(frozen=True)
 class TrainFiles:
-    """The train split's files and their row counts: all that the training data order is computed from."""
+    """The train split's files and their row counts: all that the training data order is computed from. Every
+    rank reads them through `fs`, the filesystem the driver resolved (a bucket's endpoint included)."""
 
+    fs: pafs.FileSystem
     paths: tuple[str, ...]
     rows: tuple[int, ...]
 
 
-def check_version(stats: dict[str, Any], store: Path) -> None:
+def check_version(stats: dict[str, Any], store: Location) -> None:
     """Training needs this version's layout: an older store's files each hold one class or two (rows in listing
     order), which a file-level shuffle cannot mix."""
     if stats.get("version") != STORE_VERSION:
@@ -480,14 +494,14 @@ def check_version(stats: dict[str, Any], store: Path) -> None:
                          f"jobs/prepare_data.py --input {stats.get('source', 'SOURCE')} --out {store} --overwrite")
 
 
-def train_files(store: str | Path) -> TrainFiles:
+def train_files(store: str | Path | Location) -> TrainFiles:
     """The train split's files, row counts read from their footers only; the store's version is checked first."""
-    store = Path(store)
+    store = storage.resolve(store)
     check_version(read_stats(store), store)
     paths = [f for folder in _split_dirs(store, "train") for f in _parquet_files(folder)]
     if not paths:
         raise StoreError(f"{store}: has no rows in split 'train'")
-    return TrainFiles(tuple(paths), tuple(pq.read_metadata(path).num_rows for path in paths))
+    return TrainFiles(store.fs, tuple(paths), tuple(pq.read_metadata(p, filesystem=store.fs).num_rows for p in paths))
 
 
 def train_batches(files: TrainFiles, columns: list[str], batch_size: int, seed: int, rank: int, world: int,
@@ -525,7 +539,7 @@ def _take_rows(files: TrainFiles, rows: np.ndarray, columns: list[str]) -> pa.Ta
     needed = np.unique(which)
     tables = []
     for f in needed.tolist():
-        with pq.ParquetFile(files.paths[f]) as parquet:
+        with pq.ParquetFile(files.paths[f], filesystem=files.fs) as parquet:
             table = parquet.read(columns=columns)
         if table.num_rows != files.rows[f]:
             raise StoreError(f"{files.paths[f]}: has {table.num_rows} rows, {files.rows[f]} when training started "

@@ -11,7 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from ajepa import storage
 from ajepa.config import Config
+from ajepa.storage import Location
 
 
 @dataclass
@@ -21,7 +23,7 @@ class DemoResult:
     finetuned: dict[str, dict[str, float]]  # row name -> fine-tuning metrics
 
 
-def run_demo(cfg: Config, store: str | Path | None = None) -> DemoResult:
+def run_demo(cfg: Config, store: str | Path | Location | None = None) -> DemoResult:
     from ajepa.data import demo_store
     from ajepa.eval import run_evaluate
     from ajepa.train.finetune import run_finetune
@@ -31,7 +33,7 @@ def run_demo(cfg: Config, store: str | Path | None = None) -> DemoResult:
         store, summary = demo_store(cfg.audio)
         if summary is not None:
             print(summary.line(), flush=True)
-    store = Path(store)
+    store = storage.resolve(store)
     pretrained = run_pretrain(cfg, store=store)
     probes = {"random init": run_evaluate(cfg, "random", store).metrics,
               f"pretrained, {pretrained.step} steps": run_evaluate(cfg, str(pretrained.run_dir), store).metrics}

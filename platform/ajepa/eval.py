@@ -26,9 +26,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ajepa import storage
 from ajepa.audio import normalize
 from ajepa.config import Config, EvalConfig, config_from_dict
 from ajepa.models.vit import VisionTransformer
+from ajepa.storage import Location
 
 if TYPE_CHECKING:  # data.py imports pyarrow, which the GPU benchmarks' machines need not have
     from ajepa.data import StoreArrays
@@ -228,7 +230,7 @@ class ProbeSet:
         return "map" if self.labels["train"].multi_label else "acc"
 
     @classmethod
-    def load(cls, store: str | Path, max_clips: int | None = None, task: str = "") -> ProbeSet:
+    def load(cls, store: str | Path | Location, max_clips: int | None = None, task: str = "") -> ProbeSet:
         """The store's labelled splits (the rows of `task` only, when given); with `max_clips`, that many clips
         of each split, evenly spaced through it (a fixed set that spans the store's listing order, and so its
         classes). Labels are checked on the whole split first."""
@@ -255,7 +257,7 @@ class ProbeSet:
         return cls(str(store), task, arrays, labels, stats["mean"], stats["std"], stats["audio"]["num_mel_bins"])
 
 
-def load_probe_sets(store: str | Path, max_clips: int | None = None) -> list[ProbeSet]:
+def load_probe_sets(store: str | Path | Location, max_clips: int | None = None) -> list[ProbeSet]:
     """One ProbeSet per task of the store (by its `task` column), or one for the whole store."""
     from ajepa.data import read_labels, store_columns
 
@@ -311,7 +313,7 @@ class LoadedEncoder:
     normalize_input: bool  # whether training normalised its input (data.normalize)
     source: str  # what was loaded, for the table and MLflow
     step: int
-    run_dir: Path | None  # the pretraining run it came from, if any
+    run_dir: Location | None  # the pretraining run it came from, if any
 
 
 def random_encoder(cfg: Config) -> LoadedEncoder:
@@ -325,22 +327,24 @@ def random_encoder(cfg: Config) -> LoadedEncoder:
                          0, None)
 
 
-def load_encoder(checkpoint: str, out: Path, which: str) -> LoadedEncoder:
+def load_encoder(checkpoint: str, out: Location, which: str) -> LoadedEncoder:
     """A pretraining run (its name under `out`, or its folder: the newest checkpoint), a `pretrain.pt`
-    checkpoint (or its step folder), or an exported `encoder.safetensors` (the target encoder only). Each
-    carries its config, so the encoder is rebuilt at the size and input length it was trained with."""
+    checkpoint (or its step folder), or an exported `encoder.safetensors` (the target encoder only); each a local
+    path or a URI. Each carries its config, so the encoder is rebuilt at the size and input length it was
+    trained with."""
     from ajepa.train.pretrain import CHECKPOINT_FILE, load_checkpoint
     from ajepa.train.runs import RUN_FILE
 
-    path = Path(checkpoint)
-    if path.suffix == ".safetensors" and path.is_file():
-        return _load_export(path, which)
+    path = storage.resolve(checkpoint)
+    if path.name.endswith(".safetensors") and path.is_file():
+        with path.local_copy() as local:
+            return _load_export(local, which, str(path))
     run_dir = None
     if not path.exists() and (out / checkpoint / RUN_FILE).exists():
         path = out / checkpoint
     if (path / RUN_FILE).exists():
         run_dir = path
-        steps = sorted(path.glob(f"step_*/{CHECKPOINT_FILE}"))
+        steps = path.glob(f"step_*/{CHECKPOINT_FILE}")
         if not steps:
             raise EvalError(f"{path}: the run has no checkpoint yet")
         path = steps[-1]
@@ -368,7 +372,7 @@ def load_encoder(checkpoint: str, out: Path, which: str) -> LoadedEncoder:
 class EvaluateResult:
     metrics: dict[str, float]
     table: str
-    results: Path
+    results: Location
     mlflow_run_id: str
     tracking_uri: str
 
@@ -388,13 +392,13 @@ def format_table(loaded: LoadedEncoder, probe_sets: list[ProbeSet], metrics: dic
     return "\n".join(lines)
 
 
-def run_evaluate(cfg: Config, checkpoint: str, store: str | Path | None = None) -> EvaluateResult:
+def run_evaluate(cfg: Config, checkpoint: str, store: str | Path | Location | None = None) -> EvaluateResult:
     """Embed every split with a frozen encoder, probe it, print and log the result. Everything that can be
     checked (checkpoint, labels, splits) is checked before the encoder runs."""
     from ajepa import tracking
     from ajepa.train.runs import RUN_FILE, resolve_store
 
-    out = Path(cfg.run.out_dir).expanduser().absolute()
+    out = storage.resolve(cfg.run.out_dir)
     loaded = random_encoder(cfg) if checkpoint == "random" else load_encoder(checkpoint, out, cfg.eval.encoder)
     probe_sets = load_probe_sets(resolve_store(cfg, store))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -415,10 +419,10 @@ def run_evaluate(cfg: Config, checkpoint: str, store: str | Path | None = None) 
         tracker.log_metrics(metrics, loaded.step)
         table = format_table(loaded, probe_sets, metrics, cfg.eval)
         results = out / name / "results.json"
-        results.parent.mkdir(parents=True, exist_ok=True)
-        results.write_text(json.dumps({"checkpoint": loaded.source, "store": probe_sets[0].store,
-                                       "step": loaded.step, "metrics": metrics}, indent=2))
-        tracker.log_artifact(results)
+        with results.local_file() as results_file:
+            results_file.write_text(json.dumps({"checkpoint": loaded.source, "store": probe_sets[0].store,
+                                                "step": loaded.step, "metrics": metrics}, indent=2))
+            tracker.log_artifact(results_file)
     except BaseException:
         tracker.finish("FAILED")
         raise
@@ -426,15 +430,16 @@ def run_evaluate(cfg: Config, checkpoint: str, store: str | Path | None = None) 
     return EvaluateResult(metrics, table, results, tracker.run_id, uri)
 
 
-def _load_export(path: Path, which: str) -> LoadedEncoder:
+def _load_export(path: Path, which: str, name: str) -> LoadedEncoder:
+    """The export at local `path`, which the user named `name` (a local copy of a URI's file, or itself)."""
     from ajepa.hear import HearError, load_model
 
     if which != "target":
-        raise EvalError(f"{path}: an exported encoder is the target encoder; eval.encoder={which} needs a "
+        raise EvalError(f"{name}: an exported encoder is the target encoder; eval.encoder={which} needs a "
                         "pretrain.pt checkpoint")
     try:
         model = load_model(path)
     except HearError as exc:
-        raise EvalError(str(exc)) from None
+        raise EvalError(str(exc).replace(str(path), name)) from None
     return LoadedEncoder(model.encoder, model.window_frames, model.normalize_input,
-                         f"{path} (exported target encoder)", 0, None)
+                         f"{name} (exported target encoder)", 0, None)

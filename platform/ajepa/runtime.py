@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import ajepa
+from ajepa import storage
 
 VERBOSE_ENV = "AJEPA_VERBOSE"
 STARTUP_CONCURRENCY = 8
@@ -66,8 +67,9 @@ def init_ray(num_cpus: int | None = None) -> None:
     loud = verbose()
     if not loud:
         _quiet_driver_logs()
-    # Train V2's print patch would show every worker line twice in the driver's output.
-    env_vars = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+    # Train V2's print patch would show every worker line twice in the driver's output. Storage credentials and
+    # endpoint from the driver's environment (storage.py): workers on a cluster's nodes do not inherit it.
+    env_vars = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", **storage.worker_env()}
     kwargs: dict[str, Any] = {"log_to_driver": loud, "logging_level": logging.INFO if loud else logging.WARNING}
     address, reason = cluster_address()
     if address is not None:

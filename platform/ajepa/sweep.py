@@ -30,9 +30,10 @@ from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import AsyncHyperBandScheduler
 
-from ajepa import tracking
+from ajepa import storage, tracking
 from ajepa.config import Config, ConfigError
 from ajepa.search_space import SEED_KEY, SearchSpace, load_space, with_params
+from ajepa.storage import Location
 from ajepa.train import runs
 
 # ------------------------------------------------------------------------------------------------ settings
@@ -158,7 +159,7 @@ def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
     Tune starts again (the sweep was interrupted and resumed) continues its run from the last checkpoint."""
     name = tune.get_context().get_trial_name()
     cfg = with_params({**setup.config, "run": {**setup.config["run"], "name": name}}, params, f"trial {name}")
-    resume = name if (Path(cfg.run.out_dir) / name / runs.RUN_FILE).exists() else None
+    resume = name if (storage.resolve(cfg.run.out_dir) / name / runs.RUN_FILE).exists() else None
     trial = runs.SweepTrial(setup.tracking_uri, setup.parent_run_id, {SWEEP_TAG: setup.sweep, TRIAL_TAG: name},
                             [ObjectiveReport(setup.metric)])
     if setup.job == "pretrain":
@@ -363,9 +364,8 @@ def best_trial(trials: list[TrialResult], mode: str) -> TrialResult | None:
 
 
 def write_results(trials: list[TrialResult], configs: list[ConfigResult], keys: list[str], metric: str,
-                  folder: Path) -> tuple[Path, Path]:
+                  results: Path, summary: Path) -> None:
     """results.csv (one row per trial) and configs.csv (per configuration: mean, std, min, max over seeds)."""
-    results, summary = folder / "results.csv", folder / "configs.csv"
     with results.open("w", newline="") as fh:
         out = csv.writer(fh)
         out.writerow(["trial", *keys, "stop_reason", "step", metric, "mlflow_run_id"])
@@ -378,7 +378,6 @@ def write_results(trials: list[TrialResult], configs: list[ConfigResult], keys: 
         for c in configs:
             spread = [min(c.values), max(c.values)] if c.values else ["", ""]
             out.writerow([*(c.params[k] for k in config_keys), c.trials, len(c.values), c.mean, c.std, *spread])
-    return results, summary
 
 
 def format_configs(configs: list[ConfigResult], metric: str) -> str:
@@ -422,17 +421,17 @@ def plot_results(trials: list[TrialResult], space: SearchSpace, metric: str, pat
 @dataclass
 class SweepResult:
     name: str
-    run_dir: Path
+    run_dir: Location
     trials: list[TrialResult]
     configs: list[ConfigResult]  # best first
     best: TrialResult | None  # the best completed trial
     table: str
-    results: Path  # results.csv
+    results: Location  # results.csv
     mlflow_run_id: str
     tracking_uri: str
 
 
-def _job_check(cfg: Config, settings: SweepSettings, store: Path,
+def _job_check(cfg: Config, settings: SweepSettings, store: Location,
                stats: dict[str, Any]) -> tuple[Callable[[Config], None], str | None]:
     """The job's own checks of a config against the store, run on the base config and on every value of the
     space before any trial starts; and, for fine-tuning, the encoder checked once and resolved to a path the
@@ -453,9 +452,9 @@ def _job_check(cfg: Config, settings: SweepSettings, store: Path,
         task_of(c, store)
 
     pretrained_encoder(cfg, settings.checkpoint)
-    out = Path(cfg.run.out_dir).expanduser().absolute()
-    where = next((p for p in (Path(settings.checkpoint), out / settings.checkpoint) if p.exists()), None)
-    return check, str(where.absolute()) if where else settings.checkpoint
+    out = storage.resolve(cfg.run.out_dir)
+    where = next((p for p in (storage.resolve(settings.checkpoint), out / settings.checkpoint) if p.exists()), None)
+    return check, str(where) if where else settings.checkpoint
 
 
 def _tuner(plan: runs.RunPlan, space: SearchSpace, settings: SweepSettings, setup: TrialSetup, seeds: list[int],
@@ -465,10 +464,11 @@ def _tuner(plan: runs.RunPlan, space: SearchSpace, settings: SweepSettings, setu
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), {"CPU": TRIAL_DRIVER_CPUS})
-    tune_dir = plan.run_dir / TUNE_DIR
-    if plan.resumed and tune.Tuner.can_restore(str(tune_dir)):
-        return tune.Tuner.restore(str(tune_dir), trainable, resume_unfinished=True, resume_errored=False,
-                                  restart_errored=False)
+    storage_path, filesystem = plan.run_dir.ray_storage()  # Tune's results beside the sweep's, in any storage
+    tune_dir = (plan.run_dir / TUNE_DIR).path
+    if plan.resumed and tune.Tuner.can_restore(tune_dir, storage_filesystem=filesystem):
+        return tune.Tuner.restore(tune_dir, trainable, resume_unfinished=True, resume_errored=False,
+                                  restart_errored=False, storage_filesystem=filesystem)
     cfg = plan.cfg
     steps = _get(cfg, JOBS[settings.job].steps_key)
     scheduler = (FinishingASHA(settings.metric, settings.mode, steps, settings.objective_every(cfg))
@@ -483,7 +483,7 @@ def _tuner(plan: runs.RunPlan, space: SearchSpace, settings: SweepSettings, setu
                                              random_state=cfg.run.seed),
             reuse_actors=False,  # a fresh process per trial: a stopped trial's Train run dies with its process
             trial_name_creator=trial_name, trial_dirname_creator=trial_name),
-        run_config=tune.RunConfig(name=TUNE_DIR, storage_path=str(plan.run_dir), verbose=0,
+        run_config=tune.RunConfig(name=TUNE_DIR, storage_path=storage_path, storage_filesystem=filesystem, verbose=0,
                                   callbacks=[TrialEnds(setup, cfg.run.experiment, steps)],
                                   failure_config=tune.FailureConfig(max_failures=0)),
     )
@@ -516,8 +516,9 @@ def _not_tunes_resume_hint(record: logging.LogRecord) -> bool:
     return not record.getMessage().startswith("Experiment has been interrupted")
 
 
-def run_sweep(cfg: Config, space_file: str | Path | None, settings: SweepSettings, *, store: str | Path | None = None,
-              resume: str | None = None, overrides: list[str] = ()) -> SweepResult:
+def run_sweep(cfg: Config, space_file: str | Path | Location | None, settings: SweepSettings, *,
+              store: str | Path | Location | None = None, resume: str | None = None, overrides: list[str] = ()
+              ) -> SweepResult:
     """Run a sweep, or with `resume` (its name under run.out_dir, or its folder) continue one: its settings and
     space are the saved ones. The settings, the space and each of its values are checked before Ray starts."""
     import ray
@@ -534,7 +535,10 @@ def run_sweep(cfg: Config, space_file: str | Path | None, settings: SweepSetting
         raise ConfigError("--space is required: a search space file (see search_spaces/)")
     settings = settings.resolved()
     settings.check(cfg)
-    space = load_space(space_file, cfg, settings.seeds)
+    # A resumed sweep reads the copy in its run folder (a local path or a URI); a new one the user's local file.
+    space_copy = space_file.local_copy() if isinstance(space_file, Location) else contextlib.nullcontext(space_file)
+    with space_copy as local_space:
+        space = load_space(local_space, cfg, settings.seeds)
     store = runs.resolve_store(cfg, store)
     stats = data.read_stats(store)
     check, checkpoint = _job_check(cfg, settings, store, stats)
@@ -553,8 +557,9 @@ def run_sweep(cfg: Config, space_file: str | Path | None, settings: SweepSetting
               "space_file": str(space_file)}
     with runs.open_run(plan, store, params, record) as tracker:
         if not plan.resumed:
-            (plan.run_dir / SPACE_FILE).write_bytes(Path(space_file).read_bytes())
-            tracker.log_artifact(plan.run_dir / SPACE_FILE)
+            with (plan.run_dir / SPACE_FILE).local_file() as saved:
+                saved.write_bytes(Path(space_file).read_bytes())
+                tracker.log_artifact(saved)
         init_ray()
         concurrent = settings.max_concurrent or max_concurrent(cfg, ray.cluster_resources())
         print(f"sweep {plan.name}: {total} {settings.job} trials ({settings.num_samples} samples x {space.grid_size()} "
@@ -580,10 +585,13 @@ def _report(plan: runs.RunPlan, tracker: tracking.Tracker, space: SearchSpace, k
     """The results table, CSVs and plot, in the sweep's folder and on its parent run with the best trial."""
     configs = by_config(trials, keys, settings.mode)
     best = best_trial(trials, settings.mode)
-    results, summary = write_results(trials, configs, keys, settings.metric, plan.run_dir)
-    plot = plot_results(trials, space, settings.metric, plan.run_dir / "params_vs_objective.png")
-    for path in (results, summary, plot):
-        tracker.log_artifact(path)
+    results = plan.run_dir / "results.csv"
+    with results.local_file() as table, (plan.run_dir / "configs.csv").local_file() as summary, \
+            (plan.run_dir / "params_vs_objective.png").local_file() as plot:
+        write_results(trials, configs, keys, settings.metric, table, summary)
+        plot_results(trials, space, settings.metric, plot)
+        for path in (table, summary, plot):
+            tracker.log_artifact(path)
     tracker.log_metrics({f"trials/{reason.split()[0]}": sum(t.reason == reason for t in trials) for reason in FINAL},
                         step=0)
     if best is not None:

@@ -32,7 +32,10 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
+from ajepa import storage
+from ajepa.config import ConfigError
 from ajepa.runtime import verbose
+from ajepa.storage import Location
 
 logger = logging.getLogger(__name__)
 if not verbose():  # MLflow logs its SQLite schema migrations at INFO: not for a job's output
@@ -51,11 +54,19 @@ GIT_DIRTY_TAG = "ajepa.git.dirty"
 PARENT_TAG = "mlflow.parentRunId"
 
 
-def default_tracking_uri(out_dir: Path) -> str:
-    """`MLFLOW_TRACKING_URI` if set, else a SQLite store in `out_dir` (created)."""
+def default_tracking_uri(out_dir: str | os.PathLike[str] | Location) -> str:
+    """`MLFLOW_TRACKING_URI` if set, else a SQLite store in a local `out_dir` (created).
+
+    An out dir in object storage (s3://, gs://) cannot hold a SQLite database, and no local default would be
+    reachable from the cluster's other nodes or after it is gone: there the tracking server must be named."""
     if uri := os.environ.get("MLFLOW_TRACKING_URI"):
         return uri
-    out_dir = Path(out_dir).resolve()
+    out = storage.resolve(out_dir)
+    if not out.is_local:
+        raise ConfigError(f"--out {out_dir}: runs in object storage need an MLflow tracking server; set "
+                          "MLFLOW_TRACKING_URI (e.g. http://<head node>:5000, the server cluster.yaml starts), "
+                          "or use a local or shared-filesystem --out for the default SQLite store")
+    out_dir = Path(out).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{out_dir / 'mlflow.db'}"
 

@@ -22,10 +22,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ajepa import storage
 from ajepa.audio import apply_augmentation, draw_augmentation, normalize
 from ajepa.config import Config, ConfigError
 from ajepa.eval import EvalError, Labels, encode_labels, label_sets, mean_average_precision, score
 from ajepa.models.classifier import Classifier, draw_token_masks
+from ajepa.storage import Location
 from ajepa.train import runs, schedules
 
 CHECKPOINT_FILE = "finetune.pt"
@@ -173,14 +175,14 @@ class Finetuner:
     def save(self, path: Path) -> None:
         torch.save(self.state_dict(), path)
 
-    def load(self, path: Path) -> None:
+    def load(self, path: Path | Location) -> None:
         state = load_checkpoint(path)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.step, self.best = int(state["step"]), dict(state["best"])
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
+def load_checkpoint(path: Path | Location) -> dict[str, Any]:
     """Read a fine-tuning checkpoint safely (weights_only), with an error that names the file."""
     return runs.read_checkpoint(path, "fine-tuning", {"model", "optimizer", "step", "config", "classes", "best"})
 
@@ -196,7 +198,7 @@ class EvalSet:
     labels: dict[str, Labels]
 
     @classmethod
-    def load(cls, store: str, task: Task) -> EvalSet:
+    def load(cls, store: str | Location, task: Task) -> EvalSet:
         from ajepa.data import load_store
 
         arrays = {split: load_store(store, split) for split in EVAL_SPLITS}
@@ -290,7 +292,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     cfg, rank, world, device, tracker = worker.cfg, worker.rank, worker.world, worker.device, worker.tracker
     task = Task(**config["task"])
     trainer = Finetuner(cfg, task, config["mean"], config["std"], device, config["encoder_state"], rank, world)
-    runs.restore(trainer, Path(config["run_dir"]), ray.train.get_checkpoint())
+    runs.restore(trainer, config["run_dir"], ray.train.get_checkpoint())
     eval_set = EvalSet.load(config["store"], task) if rank == 0 else None
     batches = runs.host_batches(config, worker, start=trainer.step, columns=("label",))
     ft, m = cfg.finetune, task.metric
@@ -330,19 +332,21 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
 @dataclass
 class FinetuneResult:
-    run_dir: Path
+    """Where a run's outputs are: local paths or URIs (a `str()` of each is what to print)."""
+
+    run_dir: Location
     name: str
     step: int
     metrics: dict[str, Any]
-    checkpoint: Path
-    model: Path
+    checkpoint: Location
+    model: Location
     source: str
     mlflow_run_id: str
     tracking_uri: str
-    store: Path
+    store: Location
 
 
-def task_of(cfg: Config, store: Path) -> Task:
+def task_of(cfg: Config, store: Location) -> Task:
     """The store's classes and label kind, checked on every split, and the loss the config asks for."""
     from ajepa.data import StoreError, read_labels
 
@@ -365,7 +369,7 @@ def pretrained_encoder(cfg: Config, checkpoint: str) -> tuple[dict[str, Tensor] 
 
     if checkpoint == "none":
         return None, f"none (random init, seed {cfg.run.seed})"
-    loaded = load_encoder(checkpoint, Path(cfg.run.out_dir).expanduser().absolute(), cfg.finetune.encoder)
+    loaded = load_encoder(checkpoint, storage.resolve(cfg.run.out_dir), cfg.finetune.encoder)
     encoder, block = loaded.encoder, loaded.encoder.blocks[0]
     theirs = {"model.embed_dim": encoder.embed_dim, "model.depth": encoder.depth,
               "model.num_heads": block.attn.num_heads, "model.patch_size": encoder.patch_embed.patch_size,
@@ -381,7 +385,7 @@ def pretrained_encoder(cfg: Config, checkpoint: str) -> tuple[dict[str, Tensor] 
     return encoder.state_dict(), loaded.source
 
 
-def run_finetune(cfg: Config, checkpoint: str | None = None, *, store: str | Path | None = None,
+def run_finetune(cfg: Config, checkpoint: str | None = None, *, store: str | Path | Location | None = None,
                  resume: str | None = None, overrides: list[str] = (),
                  trial: runs.SweepTrial | None = None) -> FinetuneResult:
     """Fine-tune on Ray Train. The checkpoint, the store's labels and the loss are checked before Ray starts."""
@@ -404,20 +408,22 @@ def run_finetune(cfg: Config, checkpoint: str | None = None, *, store: str | Pat
               "data.mean": stats["mean"], "data.std": stats["std"], "classes": len(task.classes),
               "multi_label": task.multi_label, "finetune.loss_used": task.loss}
     # A path is recorded absolute, so that --resume finds it from any working directory.
-    record = {"checkpoint": str(Path(checkpoint).absolute()) if Path(checkpoint).exists() else checkpoint}
+    local = not storage.is_uri(checkpoint) and Path(checkpoint).exists()
+    record = {"checkpoint": str(Path(checkpoint).absolute()) if local else checkpoint}
     with runs.open_run(plan, store, params, record) as tracker:
         print(f"fine-tuning {plan.name}: {cfg.finetune.steps} steps on {max(cfg.run.workers, 1)} worker(s), "
               f"{len(task.classes)} classes ({task.metric}), encoder {source}, data {store}", flush=True)
         loop_config = {"mean": stats["mean"], "std": stats["std"], "fbank_shape": data.fbank_shape(stats["audio"]),
-                       "store": str(store), "task": dataclasses.asdict(task), "encoder_state": encoder_state}
+                       "store": store, "task": dataclasses.asdict(task), "encoder_state": encoder_state}
         result = runs.fit(plan, train_loop_per_worker, loop_config, store, cfg.finetune.steps, _progress_text)
         with result.checkpoint.as_directory() as folder:
             state = load_checkpoint(Path(folder) / CHECKPOINT_FILE)
-        model = export_model(state, task, plan.run_dir / MODEL_FILE, stats)
-        tracker.log_artifact(model)
-    return FinetuneResult(plan.run_dir, plan.name, int(state["step"]), dict(result.metrics or {}),
-                          Path(result.checkpoint.path), model, source, plan.record["mlflow_run_id"],
-                          plan.record["tracking_uri"], Path(store))
+        model = plan.run_dir / MODEL_FILE
+        with model.local_file() as model_file:
+            tracker.log_artifact(export_model(state, task, model_file, stats))
+    checkpoint_dir = dataclasses.replace(plan.out, path=result.checkpoint.path)  # Ray's path, in the run's filesystem
+    return FinetuneResult(plan.run_dir, plan.name, int(state["step"]), dict(result.metrics or {}), checkpoint_dir,
+                          model, source, plan.record["mlflow_run_id"], plan.record["tracking_uri"], store)
 
 
 def _progress_text(m: dict[str, float]) -> str:

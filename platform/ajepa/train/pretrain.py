@@ -9,6 +9,7 @@ machinery under both (run folder, resume, MLflow run, TorchTrainer, restore) is 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -19,11 +20,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ajepa import storage
 from ajepa.audio import apply_augmentation, normalize
 from ajepa.config import Config, ConfigError
 from ajepa.eval import EvalError, ProbeSet, load_probe_sets, probe
 from ajepa.masking import tf_probability, validate_masks
 from ajepa.models.ajepa import AJEPA
+from ajepa.storage import Location
 from ajepa.train import runs, schedules
 from ajepa.train.inputs import HostBatch, MicroBatch, Prefetcher, plan_step
 from ajepa.train.runs import FAULT_ENV as FAULT_ENV  # re-exported: the run machinery's names, where they were
@@ -166,14 +169,14 @@ class Pretrainer:
     def save(self, path: Path) -> None:
         torch.save(self.state_dict(), path)
 
-    def load(self, path: Path) -> None:
+    def load(self, path: Path | Location) -> None:
         state = load_checkpoint(path)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = int(state["step"])
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
+def load_checkpoint(path: Path | Location) -> dict[str, Any]:
     """Read a pretraining checkpoint safely (weights_only), with an error that names the file."""
     return runs.read_checkpoint(path, "pretraining", {"model", "optimizer", "step", "config"})
 
@@ -192,7 +195,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     cfg, rank, world, device, tracker = worker.cfg, worker.rank, worker.world, worker.device, worker.tracker
     trainer = Pretrainer(cfg, config["mean"], config["std"], device, rank, world)
     local_run_dir = config["local_run_dir"]
-    runs.restore(trainer, Path(config["run_dir"]), ray.train.get_checkpoint())
+    runs.restore(trainer, config["run_dir"], ray.train.get_checkpoint())
     probe_sets = load_probe_sets(config["eval_store"], cfg.eval.max_clips) if cfg.eval.every and rank == 0 else None
     batches = ((fbank, n_frames) for fbank, n_frames, _ in runs.host_batches(
         config, worker, start=trainer.step * cfg.optim.grad_accum))
@@ -238,32 +241,34 @@ def online_probe(trainer: Pretrainer, probe_sets: list[ProbeSet]) -> dict[str, f
 
 @dataclass
 class PretrainResult:
-    run_dir: Path
+    """Where a run's outputs are: local paths or URIs (a `str()` of each is what to print)."""
+
+    run_dir: Location
     name: str
     step: int
     metrics: dict[str, Any]
-    checkpoint: Path
-    encoder: Path
+    checkpoint: Location
+    encoder: Location
     mlflow_run_id: str
     tracking_uri: str
-    store: Path
+    store: Location
 
 
-def _check_eval_store(cfg: Config, store: Path) -> str:
+def _check_eval_store(cfg: Config, store: Location) -> Location | None:
     """The online probe's store (eval.store, else the training store), loaded once here so that a store
     without labels, or with a label set that differs between splits, stops the run before Ray starts."""
     if not cfg.eval.every:
-        return ""
-    eval_store = Path(cfg.eval.store) if cfg.eval.store else store
+        return None
+    eval_store = storage.resolve(cfg.eval.store) if cfg.eval.store else store
     try:
         load_probe_sets(eval_store, cfg.eval.max_clips)
     except EvalError as exc:
         raise ConfigError(f"eval.every={cfg.eval.every}: {exc} (set eval.store to a labelled store, or "
                           "eval.every=0)") from None
-    return str(eval_store)
+    return eval_store
 
 
-def run_pretrain(cfg: Config, *, store: str | Path | None = None, resume: str | None = None,
+def run_pretrain(cfg: Config, *, store: str | Path | Location | None = None, resume: str | None = None,
                  overrides: list[str] = (), trial: runs.SweepTrial | None = None) -> PretrainResult:
     """Pretrain on Ray Train. Everything that can be checked is checked before a cluster is started."""
     from ajepa import data
@@ -282,8 +287,10 @@ def run_pretrain(cfg: Config, *, store: str | Path | None = None, resume: str | 
               "data.std": stats["std"]}
     with runs.open_run(plan, store, params) as tracker:
         if not plan.resumed:
-            tracker.log_artifact(Path(store) / "stats.json", "data")
-            tracker.log_artifact(plot_mask_examples(cfg.mask, grid, plan.run_dir / "masks.png"))
+            with (store / "stats.json").local_copy() as stats_file:
+                tracker.log_artifact(stats_file, "data")
+            with (plan.run_dir / "masks.png").local_file() as masks:
+                tracker.log_artifact(plot_mask_examples(cfg.mask, grid, masks))
         print(f"pretraining {plan.name}: {cfg.optim.steps} steps on {max(cfg.run.workers, 1)} worker(s), "
               f"data {store}", flush=True)
         loop_config = {"mean": stats["mean"], "std": stats["std"], "fbank_shape": data.fbank_shape(stats["audio"]),
@@ -291,11 +298,12 @@ def run_pretrain(cfg: Config, *, store: str | Path | None = None, resume: str | 
         result = runs.fit(plan, train_loop_per_worker, loop_config, store, cfg.optim.steps, _progress_text)
         with result.checkpoint.as_directory() as folder:
             state = load_checkpoint(Path(folder) / CHECKPOINT_FILE)
-        encoder = export_encoder(state, plan.run_dir / ENCODER_FILE, stats)
-        tracker.log_artifact(encoder)
-    return PretrainResult(plan.run_dir, plan.name, int(state["step"]), dict(result.metrics or {}),
-                          Path(result.checkpoint.path), encoder, plan.record["mlflow_run_id"],
-                          plan.record["tracking_uri"], Path(store))
+        encoder = plan.run_dir / ENCODER_FILE
+        with encoder.local_file() as encoder_file:
+            tracker.log_artifact(export_encoder(state, encoder_file, stats))
+    checkpoint = dataclasses.replace(plan.out, path=result.checkpoint.path)  # Ray's path, in the run's filesystem
+    return PretrainResult(plan.run_dir, plan.name, int(state["step"]), dict(result.metrics or {}), checkpoint,
+                          encoder, plan.record["mlflow_run_id"], plan.record["tracking_uri"], store)
 
 
 def _progress_text(m: dict[str, float]) -> str:

@@ -7,16 +7,17 @@ through the collective `ray.train.report`, `restore()` from the newest complete 
 
 A job plugs in its loop and its trainer. A trainer is any object with `step`, `save(path)`, `load(path)`
 (raising `CheckpointError`) and `checkpoint_file`, the file name inside each `step_XXXXXXXX` folder.
+
+Run folders, stores and checkpoints are `storage.Location`s: a local path or a URI (s3://, gs://, file://). Ray
+Train gets the run folder's parent as `RunConfig(storage_path, storage_filesystem)`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import logging
 import os
-import shutil
 import signal
 import tempfile
 import threading
@@ -30,7 +31,9 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from ajepa import storage
 from ajepa.config import Config, ConfigError, config_from_dict, save_config
+from ajepa.storage import Location
 
 RUN_FILE = "run.json"
 KEEP_CHECKPOINTS = 2
@@ -48,13 +51,15 @@ class Trainer(Protocol):
 
     def save(self, path: Path) -> None: ...
 
-    def load(self, path: Path) -> None: ...
+    def load(self, path: Path | Location) -> None: ...
 
 
-def read_checkpoint(path: Path, kind: str, keys: set[str]) -> dict[str, Any]:
-    """Read a checkpoint safely (weights_only), with an error that names the file and what it lacks."""
+def read_checkpoint(path: Path | Location, kind: str, keys: set[str]) -> dict[str, Any]:
+    """Read a checkpoint (a local file or in object storage) safely (weights_only), with an error that names the
+    file and what it lacks."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with storage.resolve(path).local_copy() as local:
+            state = torch.load(local, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: checkpoint file is missing") from None
     except Exception as exc:  # torch raises many types for truncated or foreign files
@@ -106,8 +111,9 @@ def host_batches(config: dict[str, Any], worker: Worker, start: int, columns: tu
     from ajepa.data import TrainFiles, decode_fbank, train_batches
 
     cfg, shape, pin = worker.cfg, tuple(config["fbank_shape"]), worker.device.type == "cuda"
-    tables = train_batches(TrainFiles(**config["train_files"]), ["fbank", "n_frames", *columns], cfg.data.batch_size,
-                           cfg.run.seed, worker.rank, worker.world, cfg.data.shuffle_window, start)
+    files: TrainFiles = config["train_files"]
+    tables = train_batches(files, ["fbank", "n_frames", *columns], cfg.data.batch_size, cfg.run.seed, worker.rank,
+                           worker.world, cfg.data.shuffle_window, start)
     for table in tables:
         # One copy from Arrow's bytes into (pinned) memory that torch owns.
         fbank = torch.empty((table.num_rows, *shape), dtype=torch.float16, pin_memory=pin)
@@ -119,34 +125,36 @@ def host_batches(config: dict[str, Any], worker: Worker, start: int, columns: tu
 def maybe_fail(config: dict[str, Any], step: int, worker: Worker) -> None:
     """The fault-injection hook: the last rank dies once, hard, when it is about to train `FAULT_ENV`'s step."""
     if config.get("fault_at_step") == step and worker.rank == worker.world - 1:
-        marker = Path(config["fault_marker"])
+        marker: Location = config["fault_marker"]
         if not marker.exists():
-            marker.touch()
+            marker.write_bytes(b"")
             os._exit(1)  # a hard worker death, as from an OOM kill or a lost node
 
 
 def report(trainer: Trainer, metrics: dict[str, float], with_checkpoint: bool, step: int,
-           local_run_dir: str) -> None:
+           local_run_dir: Location | None) -> None:
     """Every rank calls report the same number of times (it is a collective); rank 0 attaches the state.
 
-    In local mode (run.workers=0) Ray Train keeps no copy of a reported checkpoint, so it is written straight
-    into the run folder, where Ray would have put it, and the newest two are kept, as Ray keeps them."""
+    In local mode (run.workers=0) Ray Train keeps no copy of a reported checkpoint, so it is copied into the run
+    folder, where Ray would have put it, and the newest two are kept, as Ray keeps them."""
     import ray.train
 
     with tempfile.TemporaryDirectory() as folder:
         checkpoint = None
         if with_checkpoint:
-            where = Path(local_run_dir) / f"step_{step:08d}" if local_run_dir else Path(folder)
-            where.mkdir(exist_ok=True)
-            trainer.save(where / trainer.checkpoint_file)
-            checkpoint = ray.train.Checkpoint.from_directory(str(where))
-            for old in local_checkpoints(Path(local_run_dir))[:-KEEP_CHECKPOINTS] if local_run_dir else []:
-                shutil.rmtree(old)
+            trainer.save(Path(folder) / trainer.checkpoint_file)
+            checkpoint = ray.train.Checkpoint.from_directory(folder)
+            if local_run_dir is not None:
+                where = local_run_dir / f"step_{step:08d}"
+                where.upload(Path(folder))
+                checkpoint = ray.train.Checkpoint(where.path, filesystem=where.fs)
+                for old in local_checkpoints(local_run_dir)[:-KEEP_CHECKPOINTS]:
+                    old.delete()
         ray.train.report(metrics, checkpoint=checkpoint,
                          checkpoint_dir_name=f"step_{step:08d}" if checkpoint is not None else None)
 
 
-def restore(trainer: Trainer, run_dir: Path, registered: Any) -> None:
+def restore(trainer: Trainer, run_dir: Path | Location, registered: Any) -> None:
     """Load the newest complete checkpoint of the run, if any.
 
     Ray Train restores only the checkpoints its controller has registered, and it registers a reported one
@@ -166,26 +174,28 @@ def restore(trainer: Trainer, run_dir: Path, registered: Any) -> None:
             trainer.load(Path(folder) / trainer.checkpoint_file)
 
 
-def local_checkpoints(run_dir: Path) -> list[Path]:
-    """A run folder's checkpoint folders (a `step_*` folder holding a .pt file), oldest first."""
-    return sorted({p.parent for p in run_dir.glob("step_*/*.pt")})
+def local_checkpoints(run_dir: Path | Location) -> list[Location]:
+    """A run folder's checkpoint folders (a `step_*` folder holding a .pt file), oldest first; the run folder is
+    a local path or a URI."""
+    folders = {p.parent.path: p.parent for p in storage.resolve(run_dir).glob("step_*/*.pt")}
+    return [folders[path] for path in sorted(folders)]
 
 
 # -------------------------------------------------------------------------------------------- driver
 
 
-def resolve_store(cfg: Config, store: str | Path | None) -> Path:
-    """--data, else data.store, else the built-in demo store (built on first use)."""
+def resolve_store(cfg: Config, store: str | Path | Location | None) -> Location:
+    """--data, else data.store, else the built-in demo store (built on first use): a local path or a URI."""
     from ajepa import data
 
     if store:
-        return Path(store)
+        return storage.resolve(store)
     if cfg.data.store:
-        return Path(cfg.data.store)
-    return data.demo_store(cfg.audio)[0]
+        return storage.resolve(cfg.data.store)
+    return storage.resolve(data.demo_store(cfg.audio)[0])
 
 
-def check_store(cfg: Config, stats: dict[str, Any], store: Path, workers: int) -> None:
+def check_store(cfg: Config, stats: dict[str, Any], store: Location, workers: int) -> None:
     from ajepa.data import check_version
 
     check_version(stats, store)
@@ -203,18 +213,18 @@ def new_run_name(job: str) -> str:
     return f"{job}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
 
 
-def resolve_resume(resume: str, out: Path) -> tuple[Path, str]:
-    """`--resume` takes a run folder or a run name under --out; returns (out, name)."""
-    path = Path(resume)
-    candidates = [path, out / resume] if path.is_absolute() or path.exists() else [out / resume]
+def resolve_resume(resume: str, out: Location) -> tuple[Location, str]:
+    """`--resume` takes a run folder (a path or a URI) or a run name under --out; returns (out, name)."""
+    named = storage.is_uri(resume) or Path(resume).is_absolute() or Path(resume).exists()
+    candidates = [storage.resolve(resume), out / resume] if named else [out / resume]
     for candidate in candidates:
         if (candidate / RUN_FILE).exists():
-            return candidate.parent.absolute(), candidate.name
+            return candidate.parent, candidate.name
     looked = " and ".join(str(c / RUN_FILE) for c in candidates)
     raise ConfigError(f"--resume {resume}: no run found (looked for {looked})")
 
 
-def read_run_file(path: Path) -> dict[str, Any]:
+def read_run_file(path: Location) -> dict[str, Any]:
     try:
         saved = json.loads(path.read_text())
         missing = {"config", "store", "mlflow_run_id", "tracking_uri"} - set(saved)
@@ -243,22 +253,25 @@ class RunPlan:
 
     job: str  # pretrain | finetune | sweep: run names, the MLflow tag, the progress line
     cfg: Config
-    out: Path
+    out: Location  # run.out_dir: an absolute local path or a URI
     name: str
     resumed: bool
     record: dict[str, Any] | None
     trial: SweepTrial | None = None
 
     @property
-    def run_dir(self) -> Path:
+    def run_dir(self) -> Location:
         return self.out / self.name
 
 
 def plan_run(job: str, cfg: Config, resume: str | None, overrides: list[str],
              trial: SweepTrial | None = None) -> RunPlan:
     """A new run (name from run.name or generated; it must not exist) or the run `--resume` names, with its
-    saved config and `overrides` on top. Nothing is written yet."""
-    out = Path(cfg.run.out_dir).expanduser().absolute()
+    saved config and `overrides` on top. Nothing is written yet.
+
+    A local run.out_dir is made absolute here, on the driver: Ray Train's workers (on any node) and a sweep's
+    trials get that path, not one relative to their own working directory."""
+    out = storage.resolve(cfg.run.out_dir)
     if resume:
         out, name = resolve_resume(resume, out)
         saved = read_run_file(out / name / RUN_FILE)
@@ -271,39 +284,42 @@ def plan_run(job: str, cfg: Config, resume: str | None, overrides: list[str],
 
 
 @contextlib.contextmanager
-def open_run(plan: RunPlan, store: Path, params: dict[str, Any], record: dict[str, Any] | None = None) -> Iterator[Any]:
+def open_run(plan: RunPlan, store: Location, params: dict[str, Any], record: dict[str, Any] | None = None
+             ) -> Iterator[Any]:
     """The run folder and its MLflow run (a resumed run continues its own). A new run saves its config, logs
     it with `params`, and writes run.json (with `record`'s fields too). The MLflow run ends FINISHED, or
     FAILED on any error in the body (also after fit(): export, upload), KILLED on Ctrl-C."""
     from ajepa import tracking
 
-    plan.run_dir.mkdir(parents=True, exist_ok=True)
     trial = plan.trial
     if plan.resumed:
         uri, run_id = plan.record["tracking_uri"], plan.record["mlflow_run_id"]
         tracker = tracking.Tracker.attach(uri, run_id)
     else:
-        uri = trial.tracking_uri if trial else tracking.default_tracking_uri(plan.out)
+        uri = trial.tracking_uri if trial else tracking.default_tracking_uri(plan.out)  # before anything is written
+        plan.run_dir.mkdir()
         tracker = tracking.Tracker.start(uri, plan.cfg.run.experiment, plan.name,
                                          tags={"ajepa.job": plan.job, **(trial.tags if trial else {})},
                                          parent_run_id=trial.parent_run_id if trial else None)
     with tracker:
         if not plan.resumed:
-            save_config(plan.cfg, plan.run_dir / "config.yaml")
-            tracker.log_params({**plan.cfg.flat(), **params})
-            tracker.log_artifact(plan.run_dir / "config.yaml")
+            with (plan.run_dir / "config.yaml").local_file() as config_file:
+                save_config(plan.cfg, config_file)
+                tracker.log_params({**plan.cfg.flat(), **params})
+                tracker.log_artifact(config_file)
             plan.record = {"name": plan.name, "store": str(store), "mlflow_run_id": tracker.run_id,
                           "tracking_uri": uri, "config": plan.cfg.to_dict(), **(record or {})}
             (plan.run_dir / RUN_FILE).write_text(json.dumps(plan.record, indent=2))
         yield tracker
 
 
-def fit(plan: RunPlan, loop: Callable[[dict[str, Any]], None], loop_config: dict[str, Any], store: Path,
+def fit(plan: RunPlan, loop: Callable[[dict[str, Any]], None], loop_config: dict[str, Any], store: Location,
         total: int, describe: Callable[[dict[str, float]], str]) -> Any:
     """Run `loop` on Ray Train and return its Result. The loop gets `loop_config` plus the shared keys: config,
     train_files (the store's train split, which `train_batches` reads), tracking_uri, mlflow_run_id, progress (a
     queue for rank 0's metrics, which the driver prints as `<job>: step/total steps, describe(metrics), ETA`),
-    run_dir, local_run_dir (in-process runs: Ray keeps no checkpoint copy), fault_marker and fault_at_step."""
+    run_dir, local_run_dir (in-process runs: Ray keeps no checkpoint copy; else None), fault_marker and
+    fault_at_step. Locations travel with their filesystem: every worker reaches the same bucket endpoint."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     from ray.util.queue import Queue
@@ -313,23 +329,24 @@ def fit(plan: RunPlan, loop: Callable[[dict[str, Any]], None], loop_config: dict
 
     cfg, run_dir = plan.cfg, plan.run_dir
     # Listed once, here: every rank computes the data order from the same files and row counts.
-    train_files = dataclasses.asdict(data.train_files(store))
+    train_files = data.train_files(store)
     init_ray()  # before any Ray call (the queue's actor): one would start a default Ray of its own
     progress = Queue(actor_options={"num_cpus": 0})  # rank 0's metrics at every log step, for the driver
     loop_config = {**loop_config, "config": cfg.to_dict(), "train_files": train_files,
                    "tracking_uri": plan.record["tracking_uri"], "mlflow_run_id": plan.record["mlflow_run_id"],
-                   "progress": progress, "fault_marker": str(run_dir / "fault_injected"), "run_dir": str(run_dir),
-                   "local_run_dir": str(run_dir) if cfg.run.workers == 0 else ""}
+                   "progress": progress, "fault_marker": run_dir / "fault_injected", "run_dir": run_dir,
+                   "local_run_dir": run_dir if cfg.run.workers == 0 else None}
     if os.environ.get(FAULT_ENV):
         loop_config["fault_at_step"] = int(os.environ[FAULT_ENV])
     use_gpu = cfg.run.gpus_per_worker > 0
     resources = {"CPU": cfg.run.cpus_per_worker, **({"GPU": cfg.run.gpus_per_worker} if use_gpu else {})}
+    storage_path, storage_filesystem = plan.out.ray_storage()
     trainer = TorchTrainer(
         loop,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=cfg.run.workers, use_gpu=use_gpu,
                                      resources_per_worker=resources if cfg.run.workers else None),
-        run_config=RunConfig(name=plan.name, storage_path=str(plan.out),
+        run_config=RunConfig(name=plan.name, storage_path=storage_path, storage_filesystem=storage_filesystem,
                              checkpoint_config=CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS),
                              failure_config=FailureConfig(max_failures=cfg.run.max_failures),
                              callbacks=plan.trial.callbacks if plan.trial else None),
