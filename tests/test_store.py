@@ -231,7 +231,7 @@ def test_a_uri_input_builds_the_store_a_local_path_builds(scheme, tone_input, ra
         storage.resolve(where).upload(tone_input)
     else:
         where = f"file://{tone_input}"
-    for name in ("audio", "manifest.csv"):
+    for name in ("audio/", "manifest.csv"):  # a folder's URI may end in a slash, as `aws s3 ls` shows prefixes
         local = data.build_store(tone_input / name, tmp_path / f"local-{name}", CFG)
         remote = data.build_store(f"{where}/{name}", tmp_path / f"{scheme}-{name}", CFG)
         assert remote.written == local.written == 8 and remote.failed == 0
@@ -241,21 +241,28 @@ def test_a_uri_input_builds_the_store_a_local_path_builds(scheme, tone_input, ra
         assert data.read_stats(remote.out)["source"] == str(storage.resolve(f"{where}/{name}"))
 
 
-def test_an_input_the_tasks_cannot_see_stops_the_build_naming_the_node_and_a_path(ray_local, tmp_path, capsys):
-    """A manifest whose files are not where the tasks look (as on a node without the input's mount): the job
-    exits 2 naming the node and a path, writes no store and leaves the one it would replace as it was."""
+@pytest.mark.parametrize("scheme", ["path", "s3"])
+def test_an_input_the_tasks_cannot_see_stops_the_build_naming_the_node_and_a_path(scheme, ray_local, tmp_path,
+                                                                                 capsys, request):
+    """A manifest whose files are not where the tasks look (as on a node without the input's mount, or keys that
+    are not in the bucket): the job exits 2 naming the node and a path, writes no store and leaves the one it
+    would replace as it was."""
     import ray
 
-    rows = "".join(f"{tmp_path}/not-mounted/{i}.wav,x\n" for i in range(6))
-    (tmp_path / "m.csv").write_text("path,label\n" + rows)
+    rows = "path,label\n" + "".join(f"not-there/{i}.wav,x\n" for i in range(6))
+    if scheme == "s3":
+        manifest = storage.resolve(request.getfixturevalue("s3_bucket")) / "input" / "m.csv"
+        manifest.write_text(rows)
+    else:
+        (tmp_path / "m.csv").write_text(rows)
+        manifest = storage.resolve(tmp_path / "m.csv")
     out = tmp_path / "store"
     out.mkdir()
     (out / "stats.json").write_text('{"clips": 7}')
-    job = ["prepare-data", "--input", str(tmp_path / "m.csv"), "--out", str(out), "--overwrite"]
-    assert cli.main(job) == 2
+    assert cli.main(["prepare-data", "--input", str(manifest), "--out", str(out), "--overwrite"]) == 2
     err = capsys.readouterr().err
     assert f"input not visible from node {ray.util.get_node_ip_address()} (node id " in err
     assert "6 of 6 clips of a build task could not be read, e.g. " in err
-    assert f"{tmp_path}/not-mounted/" in err and "No such file or directory" in err
+    assert f"{manifest.parent}/not-there/" in err and "unreadable: " in err
     assert [p.name for p in out.iterdir()] == ["stats.json"] and (out / "stats.json").read_text() == '{"clips": 7}'
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.csv", "store"], "staging folder left behind"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["store", "m.csv"][:2 if scheme == "path" else 1])
