@@ -266,3 +266,16 @@ def test_an_input_the_tasks_cannot_see_stops_the_build_naming_the_node_and_a_pat
     assert f"{manifest.parent}/not-there/" in err and "unreadable: " in err
     assert [p.name for p in out.iterdir()] == ["stats.json"] and (out / "stats.json").read_text() == '{"clips": 7}'
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["store", "m.csv"][:2 if scheme == "path" else 1])
+
+
+def test_a_bucket_manifest_names_files_relative_to_itself_or_by_uri_in_its_bucket(s3_bucket, s3_server):
+    import pyarrow.fs as pafs
+
+    manifest = storage.resolve(s3_bucket) / "meta" / "m.csv"
+    manifest.write_text(f"path,label\n../audio/a.wav,x\n{s3_bucket}/audio/b.wav,y\n")
+    bucket = s3_bucket.removeprefix("s3://")
+    assert [c.path for c in data.read_manifest(manifest)] == [f"{bucket}/audio/a.wav", f"{bucket}/audio/b.wav"]
+    pafs.S3FileSystem(endpoint_override=s3_server, allow_bucket_creation=True).create_dir(f"{bucket}-other")
+    manifest.write_text(f"path,label\n{s3_bucket}-other/c.wav,x\n")
+    with pytest.raises(data.StoreError, match=f"m.csv:2: {s3_bucket}-other/c.wav is not in the manifest's storage"):
+        data.read_manifest(manifest)
