@@ -11,9 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from ajepa import cli, data
+from ajepa import cli, data, storage
 from ajepa.audio import fbank, to_mono_16k
 from ajepa.config import AudioConfig
+from ajepa.storage import Location
 from catalogue import CASES, TARGET_FRAMES, Case
 from conftest import encode, failures, tone
 
@@ -21,10 +22,12 @@ CFG = AudioConfig(target_frames=TARGET_FRAMES)
 ROOT_CANNOT_FAIL = os.geteuid() == 0  # root reads files without read permission
 
 
-def worker_rows(clips: list[data.Clip]) -> dict[str, dict]:
-    """What the build's workers make of these clips: data.process_batch on one batch, as Ray would call it."""
+def worker_rows(clips: list[data.Clip], source: Location) -> dict[str, dict]:
+    """What the build's tasks make of these clips: data.read_batch then data.process_batch on one batch, as Ray
+    would call them."""
     rows = data.input_rows(clips)
-    out = data.process_batch({k: np.array([r[k] for r in rows], dtype=object) for k in rows[0]}, CFG)
+    read = data.read_batch({k: np.array([r[k] for r in rows], dtype=object) for k in rows[0]}, source)
+    out = data.process_batch(read, CFG)
     keys = ("status", "reason", "fbank", "n_frames")
     return {path: {k: out[k][i] for k in keys} for i, path in enumerate(out["path"])}
 
@@ -45,7 +48,7 @@ def as_nobody(case: Case) -> dict:
                 os.setgid(nobody.pw_gid)
                 os.setuid(nobody.pw_uid)
                 with os.fdopen(write, "wb") as fh:
-                    pickle.dump(worker_rows(data.list_folder(Path(folder))), fh)
+                    pickle.dump(worker_rows(data.list_folder(root := storage.resolve(folder)), root), fh)
             except BaseException:
                 traceback.print_exc()
                 os._exit(1)
@@ -71,7 +74,7 @@ def test_each_kind_is_written_or_failed_with_its_reason(case, tmp_path):
         row = as_nobody(case)
     else:
         case.make(tmp_path)
-        rows = worker_rows(data.list_folder(tmp_path))
+        rows = worker_rows(data.list_folder(storage.resolve(tmp_path)), storage.resolve(tmp_path))
         assert list(rows) == [case.file]  # listed once, under the name the store and failures.csv show
         row = rows[case.file]
     if case.written:
@@ -111,9 +114,9 @@ def test_manifest_rows_that_are_not_audio_files_fail_and_a_spreadsheet_bom_is_re
     (tmp_path / "folder.wav").mkdir()
     manifest = tmp_path / "m.csv"
     manifest.write_text("path,label\na.wav,dog\nmissing.wav,cat\nfolder.wav,cat\n", encoding="utf-8-sig")
-    clips = data.read_manifest(manifest)
+    clips = data.read_manifest(storage.resolve(manifest))
     assert [(c.rel, c.label) for c in clips] == [("a.wav", "dog"), ("missing.wav", "cat"), ("folder.wav", "cat")]
-    rows = worker_rows(clips)
+    rows = worker_rows(clips, storage.resolve(tmp_path))
     assert rows["a.wav"]["status"] == "ok" and rows["a.wav"]["n_frames"] == 48
     assert rows["missing.wav"]["reason"] == "unreadable: No such file or directory"
     assert rows["folder.wav"]["reason"] == "unreadable: Is a directory"

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from ajepa import cli, data
+from ajepa import cli, data, storage
 from ajepa.audio import spectrogram_from_bytes
 from ajepa.config import AudioConfig
 from catalogue import by_name
@@ -140,6 +140,11 @@ def test_every_file_failing_exits_nonzero_and_writes_nothing(ray_local, tmp_path
     assert cli.main(["prepare-data", "--input", str(tmp_path / "in"), "--out", str(tmp_path / "s")]) == 2
     assert "every one of 2 audio files failed" in capsys.readouterr().err
     assert not (tmp_path / "s").exists() and not list(tmp_path.glob(".s.tmp-*"))
+    # Too few to stop the build as an input nobody sees (data.NOT_VISIBLE_MIN), but every one failed all the same.
+    (tmp_path / "m.csv").write_text("path,label\nmissing1.wav,x\nmissing2.wav,x\n")
+    assert cli.main(["prepare-data", "--input", str(tmp_path / "m.csv"), "--out", str(tmp_path / "s")]) == 2
+    assert "every one of 2 audio files failed; first: missing1.wav: unreadable: No such file" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists() and not list(tmp_path.glob(".s.tmp-*"))
 
 
 def test_a_crash_keeps_the_old_store_and_leaves_no_half_store(ray_local, tmp_path, monkeypatch):
@@ -194,3 +199,83 @@ def test_demo_store_is_built_from_nothing_then_cached(ray_local, tmp_path, monke
     assert held_out == {"instruments": (16, False), "words": (12, False)}  # unseen instruments and speakers
     assert cli.main(["prepare-data", "--input", "demo"]) == 0
     assert "demo store already built: 2080 clips, 26 classes" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------- inputs on any storage
+
+
+@pytest.fixture(scope="module")
+def tone_input(tmp_path_factory) -> Path:
+    """8 tones in two class folders, and a manifest of the same files with splits and an extra column."""
+    root = tmp_path_factory.mktemp("tone-input")
+    rows = []
+    for label, base in (("low", 200.0), ("high", 2500.0)):
+        (root / "audio" / label).mkdir(parents=True)
+        for i in range(4):
+            sf.write(root / "audio" / label / f"{i}.wav", tone(0.5, 16000, freq=base + 50 * i, seed=i), 16000)
+            rows.append({"path": f"audio/{label}/{i}.wav", "label": label, "split": ("train", "val")[i % 2],
+                         "take": str(i)})
+    with (root / "manifest.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["path", "label", "split", "take"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return root
+
+
+@pytest.mark.parametrize("scheme", ["file", "s3"])
+def test_a_uri_input_builds_the_store_a_local_path_builds(scheme, tone_input, ray_local, tmp_path, request):
+    """The folder and the manifest, as a file:// URI or uploaded to a bucket: listed through that filesystem and
+    read by the build's tasks from it, they make the same rows (ids, labels, splits, fbank) as the local path."""
+    if scheme == "s3":
+        where = f"{request.getfixturevalue('s3_bucket')}/input"
+        storage.resolve(where).upload(tone_input)
+    else:
+        where = f"file://{tone_input}"
+    for name in ("audio/", "manifest.csv"):  # a folder's URI may end in a slash, as `aws s3 ls` shows prefixes
+        local = data.build_store(tone_input / name, tmp_path / f"local-{name}", CFG)
+        remote = data.build_store(f"{where}/{name}", tmp_path / f"{scheme}-{name}", CFG)
+        assert remote.written == local.written == 8 and remote.failed == 0
+        ours, theirs = data.load_store(remote.out), data.load_store(local.out)
+        assert ours.ids == theirs.ids and ours.labels == theirs.labels and np.array_equal(ours.fbank, theirs.fbank)
+        assert ours.extra == theirs.extra and sorted(set(ours.labels)) == ["high", "low"]
+        assert data.read_stats(remote.out)["source"] == str(storage.resolve(f"{where}/{name}"))
+
+
+@pytest.mark.parametrize("scheme", ["path", "s3"])
+def test_an_input_the_tasks_cannot_see_stops_the_build_naming_the_node_and_a_path(scheme, ray_local, tmp_path,
+                                                                                 capsys, request):
+    """A manifest whose files are not where the tasks look (as on a node without the input's mount, or keys that
+    are not in the bucket): the job exits 2 naming the node and a path, writes no store and leaves the one it
+    would replace as it was."""
+    import ray
+
+    rows = "path,label\n" + "".join(f"not-there/{i}.wav,x\n" for i in range(6))
+    if scheme == "s3":
+        manifest = storage.resolve(request.getfixturevalue("s3_bucket")) / "input" / "m.csv"
+        manifest.write_text(rows)
+    else:
+        (tmp_path / "m.csv").write_text(rows)
+        manifest = storage.resolve(tmp_path / "m.csv")
+    out = tmp_path / "store"
+    out.mkdir()
+    (out / "stats.json").write_text('{"clips": 7}')
+    assert cli.main(["prepare-data", "--input", str(manifest), "--out", str(out), "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert f"input not visible from node {ray.util.get_node_ip_address()} (node id " in err
+    assert "6 of 6 clips of a build task could not be read, e.g. " in err
+    assert f"{manifest.parent}/not-there/" in err and "unreadable: " in err
+    assert [p.name for p in out.iterdir()] == ["stats.json"] and (out / "stats.json").read_text() == '{"clips": 7}'
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["store", "m.csv"][:2 if scheme == "path" else 1])
+
+
+def test_a_bucket_manifest_names_files_relative_to_itself_or_by_uri_in_its_bucket(s3_bucket, s3_server):
+    import pyarrow.fs as pafs
+
+    manifest = storage.resolve(s3_bucket) / "meta" / "m.csv"
+    manifest.write_text(f"path,label\n../audio/a.wav,x\n{s3_bucket}/audio/b.wav,y\n")
+    bucket = s3_bucket.removeprefix("s3://")
+    assert [c.path for c in data.read_manifest(manifest)] == [f"{bucket}/audio/a.wav", f"{bucket}/audio/b.wav"]
+    pafs.S3FileSystem(endpoint_override=s3_server, allow_bucket_creation=True).create_dir(f"{bucket}-other")
+    manifest.write_text(f"path,label\n{s3_bucket}-other/c.wav,x\n")
+    with pytest.raises(data.StoreError, match=f"m.csv:2: {s3_bucket}-other/c.wav is not in the manifest's storage"):
+        data.read_manifest(manifest)

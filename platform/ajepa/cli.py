@@ -39,8 +39,9 @@ def _parser() -> argparse.ArgumentParser:
     prep = sub.add_parser("prepare-data", help="build a spectrogram store with Ray Data")
     _common(prep)
     prep.add_argument("--input", required=True,
-                      help="folder of audio files (label = sub-folder), CSV manifest path,label[,split], "
-                           "or 'demo' for the built-in instrument dataset")
+                      help="folder of audio files (label = sub-folder), CSV manifest path,label[,split], either "
+                           "a local path or a URI (s3://bucket/audio/, gs://..., file://...), or 'demo' for the "
+                           "built-in demo dataset")
     prep.add_argument("--overwrite", action="store_true", help="replace an existing store at --out")
     prep.set_defaults(func=prepare_data)
 
@@ -128,7 +129,7 @@ def prepare_data(args: argparse.Namespace) -> int:
         raise data.StoreError("--out is required unless --input is demo")
     if storage.resolve(args.out).exists() and not args.overwrite:
         raise data.StoreError(f"{args.out}: already exists; pass --overwrite to replace it")
-    source = data.demo_manifest() if args.input == "demo" else Path(args.input)
+    source = data.demo_manifest() if args.input == "demo" else args.input
     summary = data.build_store(source, args.out, cfg, overwrite=args.overwrite)
     print(f"classes: {', '.join(summary.classes) or '(unlabelled)'}; mean {summary.mean:.4f} std {summary.std:.4f}")
     if summary.failed:

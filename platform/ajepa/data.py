@@ -14,6 +14,10 @@ audio.num_mel_bins` in stats.json. Measured here on 63 rows of 1024 x 128: Parqu
 reads it in 0.013 s, against 0.33 s and 0.18 s for Ray's tensor extension column (a fixed-size list), which
 would have cost more than the fbank computation itself. `decode_fbank` turns the column back into an array.
 
+The build's input (a folder or a manifest, local or a URI) is listed on the driver through its filesystem; the
+build's tasks read each file's bytes from that filesystem, so a bucket input needs no filesystem shared between
+nodes, and an input that a node cannot see stops the build instead of becoming a store of failures.
+
 The build writes the rows in a seeded random order, so every file is a random sample of its split. Training
 reads the train split's files straight (`train_batches`) in order.py's order: seeded by (seed, epoch), no
 shuffle of the data between epochs, every rank the same number of batches, resumable at any step.
@@ -31,6 +35,8 @@ import io
 import json
 import math
 import os
+import posixpath
+import re
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -55,6 +61,9 @@ SPLITS = ("train", "val", "test")
 MANIFEST_RESERVED = ("id", "fbank", "n_frames", "frame_sum", "frame_sumsq", "status", "reason")
 STORE_VERSION = 3  # 2: mean/std from the train split only; 3: rows in a seeded random order (files mix classes)
 BUILD_SEED = 0  # the store's one row shuffle: fixed, so rebuilding the same input writes the same files
+# A build task stops the build when at least this many of its clips, and more than half, cannot be read: an input
+# the node cannot see fails every clip, while a few missing or broken files are the failures.csv's business.
+NOT_VISIBLE_MIN = 4
 
 
 class StoreError(RuntimeError):
@@ -63,7 +72,7 @@ class StoreError(RuntimeError):
 
 @dataclass(frozen=True)
 class Clip:
-    path: str  # absolute path read by the workers
+    path: str  # where the build's tasks read it: inside the input's filesystem (an absolute path on a local disk)
     rel: str  # path as the user named it (relative to the input folder or manifest)
     label: str
     split: str
@@ -94,23 +103,28 @@ def hash_split(key: str, ratios: tuple[float, float, float] = (0.8, 0.1, 0.1)) -
     return "train" if u < ratios[0] else "val" if u < ratios[0] + ratios[1] else "test"
 
 
-def list_folder(root: Path) -> list[Clip]:
-    """Audio files under `root`; the label is the first sub-folder's name ('' for files at the top)."""
+def list_folder(root: Location) -> list[Clip]:
+    """Audio files under `root`, by path; the label is the first sub-folder's name ('' for files at the top).
+    A bucket prefix is listed through its filesystem; the clips' order does not depend on which one."""
     clips = []
-    # os.walk does not follow symlinked folders, so a symlink loop cannot trap it; a file symlink that
-    # loops is listed and then fails to read, which failures.csv records.
+    for full in _local_walk(root.path) if root.is_local else [f.path for f in root.files(recursive=True)]:
+        if not full.lower().endswith(AUDIO_EXTENSIONS):
+            continue
+        rel = display_name(posixpath.relpath(full, root.path))
+        label = rel.split("/", 1)[0] if "/" in rel else ""
+        clips.append(Clip(full, rel, label, hash_split(rel), {}))
+    return sorted(clips, key=lambda c: c.rel)
+
+
+def _local_walk(root: str) -> Iterator[str]:
+    """Every file and folder below a local `root`. os.walk, not pyarrow, on a local disk: it keeps names that are
+    not UTF-8 (pyarrow's paths are text) and does not follow symlinked folders, so a symlink loop cannot trap it;
+    a file symlink that loops is listed and then fails to read, which failures.csv records."""
     for folder, dirs, files in os.walk(root):
-        dirs.sort()
         # A folder named like audio (`x.wav`) is listed as well, so it shows up in failures.csv ("Is a
         # directory") instead of passing silently as a class; its contents are still walked.
-        for name in sorted(files + dirs):
-            if not name.lower().endswith(AUDIO_EXTENSIONS):
-                continue
-            full = Path(folder) / name
-            rel = display_name(full.relative_to(root).as_posix())
-            label = rel.split("/", 1)[0] if "/" in rel else ""
-            clips.append(Clip(str(full), rel, label, hash_split(rel), {}))
-    return clips
+        for name in files + dirs:
+            yield os.path.join(folder, name)
 
 
 def display_name(path: str) -> str:
@@ -120,21 +134,21 @@ def display_name(path: str) -> str:
     return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
-def read_manifest(manifest: Path) -> list[Clip]:
+def read_manifest(manifest: Location) -> list[Clip]:
     """CSV with columns path,label[,split] and any extra columns (kept as strings). Relative paths are
-    resolved against the manifest's folder. Multi-label rows use `a;b` in the label."""
+    resolved against the manifest's folder, in its filesystem; a path may also be a URI on the same storage
+    (a bucket manifest naming s3://bucket/key). Multi-label rows use `a;b` in the label."""
     try:
         # utf-8-sig: a spreadsheet's "CSV UTF-8" export starts with a byte-order mark, which would rename `path`.
-        with manifest.open(newline="", encoding="utf-8-sig") as fh:
-            reader = csv.DictReader(fh)
-            fields = reader.fieldnames or []
-            missing = [c for c in ("path", "label") if c not in fields]
-            if missing:
-                raise StoreError(f"{manifest}: missing column(s) {', '.join(missing)} (header: {fields})")
-            reserved = [c for c in fields if c in MANIFEST_RESERVED]
-            if reserved:
-                raise StoreError(f"{manifest}: column name(s) {', '.join(reserved)} are reserved by the store")
-            rows = list(reader)
+        reader = csv.DictReader(io.StringIO(manifest.read_bytes().decode("utf-8-sig"), newline=""))
+        fields = reader.fieldnames or []
+        missing = [c for c in ("path", "label") if c not in fields]
+        if missing:
+            raise StoreError(f"{manifest}: missing column(s) {', '.join(missing)} (header: {fields})")
+        reserved = [c for c in fields if c in MANIFEST_RESERVED]
+        if reserved:
+            raise StoreError(f"{manifest}: column name(s) {', '.join(reserved)} are reserved by the store")
+        rows = list(reader)
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise StoreError(f"{manifest}: cannot read manifest ({exc})") from None
     clips = []
@@ -143,24 +157,35 @@ def read_manifest(manifest: Path) -> list[Clip]:
         rel = (row.get("path") or "").strip()
         if not rel:
             raise StoreError(f"{manifest}:{line}: empty path")
-        full = Path(os.path.normpath(rel if os.path.isabs(rel) else manifest.parent / rel))
+        full = _manifest_path(manifest, rel, line)
         # Spelled differently (`a.wav`, `./a.wav`, an absolute path) is still the same file twice.
-        if str(full) in first_line:
-            raise StoreError(f"{manifest}:{line}: duplicate path {rel!r} (line {first_line[str(full)]} names "
+        if full in first_line:
+            raise StoreError(f"{manifest}:{line}: duplicate path {rel!r} (line {first_line[full]} names "
                              "the same file)")
-        first_line[str(full)] = line
+        first_line[full] = line
         split = (row.get("split") or "").strip() or hash_split(rel)
         if split not in SPLITS:
             raise StoreError(f"{manifest}:{line}: split must be one of {', '.join(SPLITS)}, got {split!r}")
         extra = {k: (v or "") for k, v in row.items() if k not in ("path", "label", "split") and k}
-        clips.append(Clip(str(full), rel, (row.get("label") or "").strip(), split, extra))
+        clips.append(Clip(full, rel, (row.get("label") or "").strip(), split, extra))
     return clips
 
 
-def list_inputs(source: Path) -> list[Clip]:
+def _manifest_path(manifest: Location, rel: str, line: int) -> str:
+    """A manifest row's file as a path in the manifest's filesystem, normalised."""
+    if storage.is_uri(rel):
+        target = storage.resolve(rel)
+        if (target.scheme, target.path.split("/", 1)[0]) != (manifest.scheme, manifest.path.split("/", 1)[0]):
+            raise StoreError(f"{manifest}:{line}: {rel} is not in the manifest's storage ({manifest.parent}); "
+                             "name files relative to the manifest or in its bucket")
+        return target.path
+    return posixpath.normpath(posixpath.join(manifest.parent.path, rel))
+
+
+def list_inputs(source: Location) -> list[Clip]:
     if source.is_dir():
         return list_folder(source)
-    if source.is_file() and source.suffix.lower() == ".csv":
+    if source.is_file() and source.name.lower().endswith(".csv"):
         return read_manifest(source)
     if source.exists():
         raise StoreError(f"{source}: input must be a folder of audio files or a .csv manifest")
@@ -175,7 +200,7 @@ def clip_id(rel: str) -> str:
 
 
 def input_rows(clips: list[Clip]) -> list[dict[str, Any]]:
-    """The rows the build's workers get: one per clip, every extra manifest column in every row."""
+    """The rows the build's tasks get: one per clip, every extra manifest column in every row."""
     extra_keys = sorted({k for c in clips for k in c.extra})
     # The path goes as bytes: a file name that is not UTF-8 cannot be an Arrow string, but opens as bytes.
     return [
@@ -185,30 +210,69 @@ def input_rows(clips: list[Clip]) -> list[dict[str, Any]]:
     ]
 
 
-def _read_bytes(path: str | bytes) -> bytes:
-    try:
+class InputNotVisible(StoreError):
+    """Most of a build task's clips cannot be read: the input is not where this node looks (not mounted, no
+    credentials, a manifest naming files elsewhere). Raised in the task, it stops the whole build."""
+
+
+def _read_bytes(source: Location, path: bytes) -> bytes:
+    """One file's bytes, from the input's filesystem. A local file opens by its bytes name (pyarrow's paths are
+    text, which a name that is not UTF-8 is not)."""
+    if source.is_local:
         with open(path, "rb") as fh:
             return fh.read()
-    except OSError as exc:
-        raise AudioError(f"unreadable: {exc.strerror or exc}") from None
+    with source.fs.open_input_stream(path.decode()) as fh:
+        return fh.read()
 
 
-def process_batch(batch: dict[str, np.ndarray], cfg: AudioConfig) -> dict[str, np.ndarray]:
-    """Ray Data map_batches function: every input row comes out, with status 'ok' or 'failed' + reason
-    (failed rows have an empty fbank; the build moves them to failures.csv)."""
-    import torch
-
-    torch.set_num_threads(1)  # one task per CPU: threads inside a task would only contend
+def read_batch(batch: dict[str, np.ndarray], source: Location) -> dict[str, np.ndarray]:
+    """Ray Data map_batches function, the build's read: each row's audio bytes from `source`'s filesystem (every
+    node reaches a bucket; a local path must be mounted on the node that runs the task), in an `audio` column.
+    A file that cannot be read is a failed row ('unreadable: <why>'); when more than half of the batch (and at
+    least NOT_VISIBLE_MIN) fails, the build stops (InputNotVisible, naming this node and a path) rather than
+    writing a store of failures."""
     n = len(batch["path"])
-    fbanks = np.full(n, b"", dtype=object)
-    n_frames = np.zeros(n, dtype=np.int32)
-    sums = np.zeros(n, dtype=np.float64)
-    sumsqs = np.zeros(n, dtype=np.float64)
+    audio = np.full(n, b"", dtype=object)
     status = np.full(n, "ok", dtype=object)
     reasons = np.full(n, "", dtype=object)
     for i, path in enumerate(batch["path"]):
         try:
-            spec = spectrogram_from_bytes(_read_bytes(path), cfg)
+            audio[i] = _read_bytes(source, path)
+        except OSError as exc:
+            status[i], reasons[i] = "failed", f"unreadable: {exc.strerror or exc}"
+    failed = np.flatnonzero(status == "failed")
+    if len(failed) >= NOT_VISIBLE_MIN and 2 * len(failed) > n:
+        import ray
+
+        first = failed[0]
+        where = dataclasses.replace(source, path=display_name(os.fsdecode(batch["path"][first])))
+        raise InputNotVisible(
+            f"input not visible from node {ray.util.get_node_ip_address()} (node id "
+            f"{ray.get_runtime_context().get_node_id()}): {len(failed)} of {n} clips of a build task could not be "
+            f"read, e.g. {where}: {reasons[first]}. Every node must reach the input: on a cluster use a bucket "
+            "URI (s3://, gs://) or a filesystem mounted on every node")
+    out = {k: v for k, v in batch.items() if k not in ("path", "rel")}
+    out.update(path=batch["rel"], audio=audio, status=status, reason=reasons)
+    return out
+
+
+def process_batch(batch: dict[str, np.ndarray], cfg: AudioConfig) -> dict[str, np.ndarray]:
+    """Ray Data map_batches function after `read_batch`: each read row's audio bytes become its spectrogram.
+    Every row comes out, with status 'ok' or 'failed' + reason (failed rows have an empty fbank; the build
+    moves them to failures.csv)."""
+    import torch
+
+    torch.set_num_threads(1)  # one task per CPU: threads inside a task would only contend
+    n = len(batch["audio"])
+    fbanks = np.full(n, b"", dtype=object)
+    n_frames = np.zeros(n, dtype=np.int32)
+    sums = np.zeros(n, dtype=np.float64)
+    sumsqs = np.zeros(n, dtype=np.float64)
+    status = np.array(batch["status"], dtype=object)  # a copy that takes longer strings than the batch's
+    reasons = np.array(batch["reason"], dtype=object)
+    for i in np.flatnonzero(status == "ok"):
+        try:
+            spec = spectrogram_from_bytes(batch["audio"][i], cfg)
         except AudioError as exc:
             status[i], reasons[i] = "failed", str(exc)
             continue
@@ -217,10 +281,8 @@ def process_batch(batch: dict[str, np.ndarray], cfg: AudioConfig) -> dict[str, n
         n_frames[i] = spec.n_frames
         sums[i] = real.sum().item()
         sumsqs[i] = real.square().sum().item()
-    out = {k: v for k, v in batch.items() if k != "path"}
-    out.update(path=batch["rel"], fbank=fbanks, n_frames=n_frames, frame_sum=sums, frame_sumsq=sumsqs,
-               status=status, reason=reasons)
-    del out["rel"]
+    out = {k: v for k, v in batch.items() if k != "audio"}
+    out.update(fbank=fbanks, n_frames=n_frames, frame_sum=sums, frame_sumsq=sumsqs, status=status, reason=reasons)
     return out
 
 
@@ -234,19 +296,22 @@ def _staging_dir(out: Location) -> Location:
     return out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
 
 
-def build_store(source: str | Path, out: str | Path, cfg: AudioConfig, *, overwrite: bool = False) -> StoreSummary:
-    """Build a spectrogram store from a folder or a CSV manifest with Ray Data.
+def build_store(source: str | Path | Location, out: str | Path | Location, cfg: AudioConfig, *,
+                overwrite: bool = False) -> StoreSummary:
+    """Build a spectrogram store from a folder or a CSV manifest, each a local path or a URI, with Ray Data.
 
-    Written to a hidden staging folder beside `out` and renamed at the end: a crash leaves no half store,
-    and an existing store is only replaced (with `overwrite`) once the new one is complete. `out` is a local
-    path or a URI; the build's tasks write there directly.
+    The driver lists the input through its filesystem; the build's tasks read each file's bytes from there (a
+    bucket reaches every node), decode them and write one Parquet file each. Written to a hidden staging folder
+    beside `out` and renamed at the end: a crash, or an input that the tasks cannot see (InputNotVisible, raised
+    as a StoreError), leaves no half store, and an existing store is only replaced (with `overwrite`) once the
+    new one is complete. `out` is a local path or a URI; the build's tasks write there directly.
     """
     import ray
     import ray.data
 
     from ajepa.runtime import init_ray
 
-    source, out = Path(source).expanduser(), storage.resolve(out)
+    source, out = storage.resolve(source), storage.resolve(out)
     if out.exists() and not overwrite:
         raise StoreError(f"{out}: already exists; pass --overwrite to replace it")
     clips = list_inputs(source)
@@ -269,11 +334,18 @@ def build_store(source: str | Path, out: str | Path, cfg: AudioConfig, *, overwr
     try:
         per_task = rows_per_task(len(rows), int(ray.cluster_resources().get("CPU", 1)))
         ds = ray.data.from_items(rows, override_num_blocks=math.ceil(len(rows) / per_task))
+        ds = ds.map_batches(read_batch, fn_kwargs={"source": source}, batch_size=per_task, batch_format="numpy")
         ds = ds.map_batches(process_batch, fn_kwargs={"cfg": cfg}, batch_size=per_task, batch_format="numpy")
         # One file per task: min_rows_per_file would funnel every row through a single writer task.
         with _build_progress(staging / "rows", len(rows)):
             ds.write_parquet(staging.path + "/rows", filesystem=staging.fs, partition_cols=["status", "split"])
         summary = _finalise(staging, out, cfg, source, overwrite)
+    except Exception as exc:
+        # Ray Data hands a task's error over as a UserCodeException that keeps only its traceback's text.
+        # (DataContext.raise_original_map_exception would keep the type, but makes Ray log it as a Ray bug.)
+        if found := re.search(r"InputNotVisible: (.*)", str(exc)):
+            raise StoreError(found.group(1)) from None
+        raise
     finally:
         context.op_resource_reservation_enabled = reservation
         with contextlib.suppress(OSError):
@@ -311,7 +383,7 @@ def _read_partition(folder: Location, columns: list[str]) -> pa.Table:
         columns=columns)
 
 
-def _finalise(staging: Location, out: Location, cfg: AudioConfig, source: Path, overwrite: bool) -> StoreSummary:
+def _finalise(staging: Location, out: Location, cfg: AudioConfig, source: Location, overwrite: bool) -> StoreSummary:
     rows = staging / "rows"
     failed = _read_partition(rows / "status=failed", ["path", "reason"]).to_pylist()
     ok = rows / "status=ok"
@@ -341,7 +413,7 @@ def _finalise(staging: Location, out: Location, cfg: AudioConfig, source: Path, 
     return StoreSummary(out, meta.num_rows, len(failed), stats["counts"], stats["classes"], stats["mean"], stats["std"])
 
 
-def _stats(meta: pa.Table, cfg: AudioConfig, failed: int, source: Path) -> dict[str, Any]:
+def _stats(meta: pa.Table, cfg: AudioConfig, failed: int, source: Location) -> dict[str, Any]:
     cols = meta.to_pydict()
     # Normalisation statistics come from the train split only (all clips when there is none): val and test
     # stand for unseen data, and nothing about them may shape what the model is trained on.
@@ -357,7 +429,7 @@ def _stats(meta: pa.Table, cfg: AudioConfig, failed: int, source: Path) -> dict[
     counts = {s: int(sum(1 for x in cols["split"] if x == s)) for s in SPLITS}
     return {
         "version": STORE_VERSION,
-        "source": str(source.absolute()),
+        "source": str(source),
         "audio": dataclasses.asdict(cfg),
         "mean": mean,
         "std": math.sqrt(var),
