@@ -16,22 +16,21 @@ from pathlib import Path
 
 import mlflow
 import pytest
-from ajepa import cli, data, tracking
+from ajepa import cli, data, storage, tracking
 from ajepa.config import ConfigError, load_config
 from ajepa.masking import validate_masks
 from ajepa.search_space import load_space
 from ajepa.sweep import (
     COMPLETED,
     FAILED,
-    STOP_TAG,
     STOPPED,
     SweepSettings,
     TrialResult,
     by_config,
     max_concurrent,
     run_sweep,
-    settle_stopped,
 )
+from ajepa.train import runs
 from ajepa.train.pretrain import patch_grid
 from conftest import micro_cfg, write_low_high_tones
 
@@ -226,20 +225,20 @@ def test_four_trial_sweep_is_a_parent_run_with_four_child_runs(four_trials):
     assert len((result.run_dir / "results.csv").read_text().splitlines()) == 5
 
 
-def test_a_stopped_trial_ends_killed_even_when_its_own_job_ended_it_failed(tmp_path):
-    # The race it settles: ASHA asks a trial to stop, the driver marks its run KILLED, and the trial's job, which
-    # sees the stop as a failure, ends the same run FAILED after that.
+def test_a_trials_job_leaves_its_run_to_the_sweep_driver_on_error_and_a_plain_run_ends_failed(tmp_path):
+    # Tune stops a trial by tearing its process down, which its job sees as an error: were the job to end its run
+    # FAILED, that could land after the driver ended it KILLED (the race that made ASHA-stopped runs FAILED).
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     parent = tracking.Tracker.start(uri, "sweeps", "sweep")
-    runs = {}
-    for name, reason, status in (("stopped", STOPPED, "FAILED"), ("done", COMPLETED, "FINISHED"),
-                                 ("broken", FAILED, "FAILED")):
-        runs[name] = tracking.Tracker.start(uri, "sweeps", name, parent_run_id=parent.run_id)
-        runs[name].set_tags({STOP_TAG: reason})
-        runs[name].finish(status)
-    settle_stopped(uri, parent.run_id)
-    status = {r.name: r.status for r in tracking.child_runs(uri, parent.run_id)}
-    assert status == {"stopped": "KILLED", "done": "FINISHED", "broken": "FAILED"}
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", [f"run.out_dir={tmp_path / 'runs'}"])
+    trial = runs.SweepTrial(uri, parent.run_id, {"ajepa.trial": "t0"}, [])
+    statuses = []
+    for plan in (runs.plan_run("pretrain", cfg, None, [], trial), runs.plan_run("pretrain", cfg, None, [])):
+        with pytest.raises(RuntimeError, match="torn down"):
+            with runs.open_run(plan, storage.resolve(tmp_path / "store"), {}) as tracker:
+                raise RuntimeError("torn down")
+        statuses.append(mlflow.MlflowClient(plan.record["tracking_uri"]).get_run(tracker.run_id).info.status)
+    assert statuses == ["RUNNING", "FAILED"]
 
 
 @pytest.mark.slow

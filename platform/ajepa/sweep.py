@@ -274,15 +274,6 @@ class TrialEnds(tune.Callback):
         print(f"{name} ({_params_text(trial.config)}): {reason}{where}", flush=True)
 
 
-def settle_stopped(uri: str, parent_run_id: str) -> None:
-    """End every stopped or interrupted trial's child run KILLED, once Tune has returned. A trial that ASHA
-    stops is asked to stop before it is killed, and its job may see that as a failure and end its own run FAILED
-    after `TrialEnds` marked it; once Tune returns no trial runs, so the reason the driver recorded is final."""
-    for run in tracking.child_runs(uri, parent_run_id):
-        if run.tags.get(STOP_TAG) in (STOPPED, INTERRUPTED) and run.status != "KILLED":
-            tracking.Tracker(uri, run.run_id).finish("KILLED")
-
-
 def _error(trial: Any) -> str:
     """The last line of a failed trial's error (the exception). Tune writes it to the trial's local folder before
     it calls the callbacks; its copy in the sweep's storage comes later."""
@@ -570,7 +561,6 @@ def run_sweep(cfg: Config, space_file: str | Path | Location | None, settings: S
                            checkpoint, tracker.uri, tracker.run_id, plan.name, settings.metric)
         with _tune_output():
             _tuner(plan, space, settings, setup, seeds, concurrent).fit()
-        settle_stopped(tracker.uri, tracker.run_id)
         trials = trial_results(tracker.uri, tracker.run_id, keys, settings.metric)
         done = sum(t.reason in FINAL for t in trials)
         if done < total:  # Ctrl-C: Tune saved its state and returned

@@ -288,7 +288,10 @@ def open_run(plan: RunPlan, store: Location, params: dict[str, Any], record: dic
              ) -> Iterator[Any]:
     """The run folder and its MLflow run (a resumed run continues its own). A new run saves its config, logs
     it with `params`, and writes run.json (with `record`'s fields too). The MLflow run ends FINISHED, or
-    FAILED on any error in the body (also after fit(): export, upload), KILLED on Ctrl-C."""
+    FAILED on any error in the body (also after fit(): export, upload), KILLED on Ctrl-C. A sweep trial's run
+    ends here only when its job returns: on an error or a stop the sweep's driver ends it (sweep.TrialEnds),
+    because Tune stops a trial by tearing its process down, which the job would see as an error and record as
+    FAILED, possibly after the driver recorded KILLED."""
     from ajepa import tracking
 
     trial = plan.trial
@@ -301,7 +304,7 @@ def open_run(plan: RunPlan, store: Location, params: dict[str, Any], record: dic
         tracker = tracking.Tracker.start(uri, plan.cfg.run.experiment, plan.name,
                                          tags={"ajepa.job": plan.job, **(trial.tags if trial else {})},
                                          parent_run_id=trial.parent_run_id if trial else None)
-    with tracker:
+    with tracker if trial is None else _finished_on_return(tracker):
         if not plan.resumed:
             with (plan.run_dir / "config.yaml").local_file() as config_file:
                 save_config(plan.cfg, config_file)
@@ -311,6 +314,12 @@ def open_run(plan: RunPlan, store: Location, params: dict[str, Any], record: dic
                           "tracking_uri": uri, "config": plan.cfg.to_dict(), **(record or {})}
             (plan.run_dir / RUN_FILE).write_text(json.dumps(plan.record, indent=2))
         yield tracker
+
+
+@contextlib.contextmanager
+def _finished_on_return(tracker: Any) -> Iterator[Any]:
+    yield tracker
+    tracker.finish("FINISHED")
 
 
 def fit(plan: RunPlan, loop: Callable[[dict[str, Any]], None], loop_config: dict[str, Any], store: Location,
