@@ -1,5 +1,6 @@
-"""Which Ray a job uses (runtime.cluster_address), and jobs on a real `ray start` head: one started on the node
-without RAY_ADDRESS (as `ray exec` / `ray attach` do) joins it; one submitted with its own runtime_env runs."""
+"""Which Ray a job uses (runtime.cluster_address), and jobs on one real `ray start` head with token auth: one
+started on the node without RAY_ADDRESS (as `ray exec` / `ray attach` do) joins it; `ray job submit --working-dir .`
+runs the store build (its Ray Data workers import ajepa) and pretraining with the job's own runtime_env."""
 
 import json
 import socket
@@ -78,7 +79,11 @@ def test_a_submitted_jobs_runtime_env_wins_where_both_set_a_field(monkeypatch):
 
 @pytest.fixture(scope="module")
 def head(tmp_path_factory):
-    with ray_head(tmp_path_factory.mktemp("head-home")) as h:
+    home = tmp_path_factory.mktemp("head-home")
+    with ray_head(home) as h:
+        # The README's commands on a machine that has never run Ray: the token was made by
+        # `ray get-auth-token --generate` in the fresh HOME.
+        assert (home / ".ray" / "auth_token").read_text().strip() != ""
         yield h
 
 
@@ -130,3 +135,17 @@ def test_a_submitted_job_with_its_own_runtime_env_runs_and_sees_its_env_vars(hea
     assert run.info.status == "FINISHED"
     (run_dir,) = (tmp_path / "runs").iterdir()
     assert (run_dir / "run.json").exists() and list(run_dir.glob("step_*/pretrain.pt"))
+
+
+@pytest.mark.slow
+def test_prepare_data_job_runs_on_a_submitted_cluster(head, tmp_path):
+    src = tmp_path / "audio"
+    for label, freq in (("low", 200.0), ("high", 2000.0)):
+        (src / label).mkdir(parents=True)
+        for i in range(3):
+            sf.write(src / label / f"{i}.wav", tone(1.0, 16000, freq=freq, seed=i), 16000)
+    done = submit_job(head, ["--working-dir", str(ROOT), "--", "python", "jobs/prepare_data.py", "--input", str(src),
+                             "--out", str(tmp_path / "store")])
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "6 clips written, 0 failed" in done.stdout
+    assert (tmp_path / "store" / "stats.json").exists()

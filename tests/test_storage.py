@@ -19,12 +19,16 @@ from safetensors.torch import load
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def folder(kind: str, name: str, request, tmp_path: Path) -> str:
+    """A folder that does not exist yet: a local path, the same as a file:// URI, or a prefix in a new bucket."""
+    if kind == "s3":
+        return f"{request.getfixturevalue('s3_bucket')}/{name}"
+    return str(tmp_path / name) if kind == "path" else f"file://{tmp_path}/{name}"
+
+
 @pytest.fixture(params=["path", "file", "s3"])
 def where(request, tmp_path) -> str:
-    """A folder that does not exist yet: a local path, the same as a file:// URI, or a prefix in a new bucket."""
-    if request.param == "s3":
-        return f"{request.getfixturevalue('s3_bucket')}/data"
-    return str(tmp_path / "data") if request.param == "path" else f"file://{tmp_path}/data"
+    return folder(request.param, "data", request, tmp_path)
 
 
 # ------------------------------------------------------------------------------------------ the helper
@@ -118,24 +122,28 @@ def local_store(tones, tmp_path_factory, ray_local) -> Location:
 
 
 @pytest.mark.slow
-def test_store_build_pretraining_checkpoint_and_resume(where, tones, local_store, tmp_path, monkeypatch):
-    """The store built into `where`, a pretraining run (one Ray Train worker) with --out there writing its
-    checkpoints, and a resume from them: the run continues at its checkpoint, in the same run folder."""
-    if not where.startswith("s3://"):  # the SQLite default is only for local out dirs (tested above)
+@pytest.mark.parametrize("store_at, out_at", [("path", "file"), ("s3", "s3")])
+def test_store_build_pretraining_checkpoint_and_resume(store_at, out_at, tones, local_store, tmp_path, monkeypatch,
+                                                       request):
+    """The store built into a local folder (or a bucket), a pretraining run (one Ray Train worker) with --out a
+    file:// URI (or the bucket) writing its checkpoints, and a resume from them by the run folder's URI: the run
+    continues at its checkpoint, in the same run folder. (A resume by name: test_pretrain.)"""
+    if out_at != "s3":  # the SQLite default is only for local out dirs (tested above)
         monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     else:
         monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    store = data.build_store(tones, f"{where}/store", load_config(None).audio).out
-    assert str(store) == str(storage.resolve(f"{where}/store"))
+    where = folder(store_at, "store", request, tmp_path)
+    store = data.build_store(tones, where, load_config(None).audio).out
+    assert str(store) == str(storage.resolve(where))
     assert not [f for f in store.parent.files() if f.name.startswith(".")], "staging folder left behind"
     ours, theirs = data.load_store(store), data.load_store(local_store)
     assert ours.ids == theirs.ids and np.array_equal(ours.fbank, theirs.fbank)
     assert data.read_stats(store)["counts"] == {"train": 16, "val": 8, "test": 8}
 
-    out = f"{where}/runs"
+    out = folder(out_at, "runs", request, tmp_path)
     cfg = micro_cfg("run.workers=1", "run.cpus_per_worker=1", "run.torch_threads=1", "optim.steps=4",
                     "run.log_every=2", "run.checkpoint_every=2", "eval.every=4", "run.name=run", f"run.out_dir={out}")
-    first = pretrain.run_pretrain(cfg, store=f"{where}/store")
+    first = pretrain.run_pretrain(cfg, store=where)
     run_dir = storage.resolve(out) / "run"
     assert str(first.run_dir) == str(run_dir) and first.step == 4
     assert [c.name for c in pretrain.local_checkpoints(run_dir)] == ["step_00000002", "step_00000004"]
@@ -146,13 +154,11 @@ def test_store_build_pretraining_checkpoint_and_resume(where, tones, local_store
     # The encoder loads by its run's URI or folder, as fine-tuning and evaluation take it.
     assert load_encoder(str(run_dir), storage.resolve(out), "target").step == 4
 
-    resumed = pretrain.run_pretrain(load_config(None, [f"run.out_dir={out}"]), resume="run",
-                                    overrides=["optim.steps=6"])
+    # A run folder's URI resumes it from anywhere (no --out).
+    resumed = pretrain.run_pretrain(load_config(None), resume=str(run_dir), overrides=["optim.steps=6"])
     assert resumed.step == 6 and resumed.name == "run", "continued from step 4, not from 0"
     client = mlflow.MlflowClient(resumed.tracking_uri)
     assert [m.step for m in client.get_metric_history(resumed.mlflow_run_id, "loss")] == [2, 4, 6]
-    again = pretrain.run_pretrain(load_config(None), resume=str(run_dir), overrides=["optim.steps=8"])
-    assert again.step == 8, "a run folder's URI resumes it from anywhere"
 
 
 @pytest.mark.slow

@@ -6,15 +6,12 @@ import json
 import math
 import os
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import mlflow
+import mlflow_browser
 import pytest
 from ajepa import cli, data, storage, tracking
 from ajepa.config import ConfigError, load_config
@@ -33,6 +30,7 @@ from ajepa.sweep import (
 from ajepa.train import runs
 from ajepa.train.pretrain import patch_grid
 from conftest import micro_cfg, write_low_high_tones
+from mlflow_browser import page_shows
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -319,65 +317,21 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, t
 
 # ------------------------------------------------------------------------------------ the MLflow UI, in a browser
 
-CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"  # Debian's, from scripts/system_deps.sh test
-
-
 @pytest.fixture
 def mlflow_ui(four_trials, tmp_path):
     """`mlflow server` on 127.0.0.1 over the 4-trial sweep's store: its base URL."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mlflow_bin = Path(sys.executable).parent / "mlflow"
-    log = (tmp_path / "server.log").open("w")
-    command = [str(mlflow_bin), "server", "--backend-store-uri", four_trials.tracking_uri, "--host", "127.0.0.1",
-               "--port", str(port), "--workers", "1"]
-    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/health", timeout=5).read()
-                break
-            except OSError:
-                assert server.poll() is None and time.monotonic() < deadline, (tmp_path / "server.log").read_text()
-                time.sleep(0.5)
+    with mlflow_browser.mlflow_server(four_trials.tracking_uri, tmp_path / "server.log") as url:
         yield url
-    finally:
-        server.terminate()
-        server.wait(timeout=60)
 
 
 @pytest.fixture
 def browser():
-    from selenium import webdriver
-    from selenium.webdriver.chrome.options import Options
-    from selenium.webdriver.chrome.service import Service
-
-    assert Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists(), "run: bash scripts/system_deps.sh test"
-    options = Options()
-    options.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1600,1000"):
-        options.add_argument(arg)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-    yield driver
-    driver.quit()
-
-
-def page_shows(driver, *texts: str, timeout: float = 90) -> str:
-    """The page's text once it holds every one of `texts` (the UI renders after its API calls return)."""
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    WebDriverWait(driver, timeout).until(lambda d: all(t in d.find_element(By.TAG_NAME, "body").text for t in texts))
-    return driver.find_element(By.TAG_NAME, "body").text
+    with mlflow_browser.chromium() as driver:
+        yield driver
 
 
 @pytest.mark.slow
 def test_mlflow_ui_lists_the_sweep_with_its_trials_and_their_swept_params(four_trials, mlflow_ui, browser, tmp_path):
-    from selenium.webdriver.common.by import By
-
     # Screenshots for the README: AJEPA_SCREENSHOTS=docs pytest -k mlflow_ui
     shots = Path(os.environ.get("AJEPA_SCREENSHOTS", tmp_path))
     client, parent, children = runs_of(four_trials.tracking_uri, four_trials.mlflow_run_id)
@@ -386,47 +340,20 @@ def test_mlflow_ui_lists_the_sweep_with_its_trials_and_their_swept_params(four_t
 
     browser.get(f"{mlflow_ui}/#/experiments/{experiment}/runs")
     page_shows(browser, parent.info.run_name, "5 matching runs")
-    close_assistant(browser)
     # A sweep is one row until it is expanded: its trials are nested under it.
     assert not any(name in page_shows(browser, parent.info.run_name) for name in names)
-    browser.find_element(By.CSS_SELECTOR, "button[data-component-id*='runnamecellrenderer']").click()
-    page_shows(browser, *names)
+    mlflow_browser.show_sweep_runs(browser, mlflow_ui, experiment, parent.info.run_name, names)
     browser.save_screenshot(str(shots / "mlflow-sweep-runs.png"))
 
     # Side by side: the parent's distributions next to each trial's values, and the objective.
-    ids = json.dumps([parent.info.run_id, *(c.info.run_id for c in children)])
-    browser.get(f"{mlflow_ui}/#/compare-runs?runs={ids}&experiments={json.dumps([experiment])}")
-    page_shows(browser, "Comparing 5 Runs", "mask.schedule", "probe/linear_val_acc", *names)
-    table = compare_table(browser)
+    ids = [parent.info.run_id, *(c.info.run_id for c in children)]
+    mlflow_browser.show_compare(browser, mlflow_ui, experiment, ids, "mask.schedule", "probe/linear_val_acc", *names)
+    table = mlflow_browser.compare_table(browser)
     column = {name: i for i, name in enumerate(table["Run Name:"])}
     for run in (parent, *children):
         for key in ("mask.schedule", "optim.lr", "run.seed"):
             assert table[key][column[run.info.run_name]] == run.data.params[key], (key, run.info.run_name)
     assert table["mask.schedule"][column[parent.info.run_name]] == "grid[rb, tf]"
-    close_assistant(browser)
-    browser.find_element(By.CSS_SELECTOR, "button[aria-label='Parameters - Show diff only']").click()
-    swept = browser.find_element(By.XPATH, "//th[normalize-space()='mask.schedule']")
-    browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", swept)
+    mlflow_browser.show_diff_only(browser, "mask.schedule")
     page_shows(browser, "grid[0, 1]")
     browser.save_screenshot(str(shots / "mlflow-sweep-compare.png"))
-
-
-def close_assistant(driver) -> None:
-    """MLflow 3's assistant panel opens with every page and hides half of it."""
-    from selenium.webdriver.common.by import By
-
-    for close in driver.find_elements(By.CSS_SELECTOR, "button[data-component-id='mlflow.assistant.chat_panel.close']"):
-        close.click()
-
-
-def compare_table(driver) -> dict[str, list[str]]:
-    """The compare page's tables as {row heading: one cell per run}, in the page's run order."""
-    from selenium.webdriver.common.by import By
-
-    rows = {}
-    for tr in driver.find_elements(By.CSS_SELECTOR, "tr"):
-        if heading := tr.find_elements(By.CSS_SELECTOR, "th[scope='row']"):
-            cells = tr.find_elements(By.TAG_NAME, "td")
-            rows[heading[0].get_attribute("textContent").strip()] = [
-                td.get_attribute("textContent").strip() for td in cells]
-    return rows
