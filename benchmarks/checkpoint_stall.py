@@ -174,7 +174,8 @@ def main() -> None:
     parser.add_argument("--reports", type=int, default=9, help="reports per run")
     parser.add_argument("--checkpoint-every", type=int, default=3, help="a checkpoint every this many reports")
     parser.add_argument("--interval", type=float, default=3.0, help="seconds of 'training' between reports (Ray's "
-                        "controller takes one report a worker every 2 s: closer ones wait for it on either side)")
+                        "controller takes one report a worker every 2 s: under that, a synchronous report also "
+                        "waits for the controller, checkpoint or not)")
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--s3", action="store_true", help="the run folders in a moto S3 bucket, not a local folder")
     parser.add_argument("--side", help=argparse.SUPPRESS)
