@@ -96,18 +96,19 @@ def run_side(args: argparse.Namespace) -> None:
     run_dir = out / args.name
     (run_dir / "run.json").write_text("{}")  # what a job's driver writes before training
     cfg = load_config(Path(args.tree) / "configs" / "small.yaml", ["run.compile=false"])
-    local = Path(tempfile.mkdtemp(prefix="ajepa-ckpt-bench-"))
     init_ray(num_cpus=2)
-    config = {"side": args.side, "config": cfg.to_dict(), "run_dir": run_dir, "out": str(local),
-              "reports": args.reports, "checkpoint_every": args.checkpoint_every, "interval": args.interval}
     storage_path, storage_filesystem = out.ray_storage()
-    start = time.perf_counter()
-    TorchTrainer(_loop, train_loop_config=config,
-                 scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
-                 run_config=RunConfig(name=args.name, storage_path=storage_path, storage_filesystem=storage_filesystem,
-                                      checkpoint_config=CheckpointConfig(num_to_keep=2))).fit()
-    fit_s = time.perf_counter() - start
-    ranks = [json.loads((local / f"rank{r}.json").read_text()) for r in (0, 1)]
+    with tempfile.TemporaryDirectory(prefix="ajepa-ckpt-bench-") as local:  # the ranks' timings
+        config = {"side": args.side, "config": cfg.to_dict(), "run_dir": run_dir, "out": local,
+                  "reports": args.reports, "checkpoint_every": args.checkpoint_every, "interval": args.interval}
+        start = time.perf_counter()
+        TorchTrainer(_loop, train_loop_config=config,
+                     scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
+                     run_config=RunConfig(name=args.name, storage_path=storage_path,
+                                          storage_filesystem=storage_filesystem,
+                                          checkpoint_config=CheckpointConfig(num_to_keep=2))).fit()
+        fit_s = time.perf_counter() - start
+        ranks = [json.loads(Path(local, f"rank{r}.json").read_text()) for r in (0, 1)]
     newest = run_dir.glob("step_*/*.pt")[-1]
     size = newest.fs.get_file_info(newest.path).size
     print(json.dumps({"ranks": ranks, "fit_s": fit_s, "checkpoint_mb": size / 2**20}))
