@@ -7,17 +7,18 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import mlflow
 import numpy as np
 import pytest
 import torch
-from ajepa import data, order
+from ajepa import data, order, storage
 from ajepa.config import ConfigError, load_config
 from ajepa.hear import load_model
 from ajepa.models.vit import VisionTransformer
-from ajepa.train import pretrain
+from ajepa.train import pretrain, runs
 from ajepa.train.pretrain import CheckpointError, Pretrainer, export_encoder, load_checkpoint
 from conftest import MICRO, fake_batch, micro_cfg, run_in_terminal
 from safetensors import safe_open
@@ -94,6 +95,41 @@ def test_restore_takes_the_newest_complete_checkpoint_of_the_run_folder(tmp_path
     pretrain.restore(fresh, tmp_path / "elsewhere",
                      ray.train.Checkpoint.from_directory(str(tmp_path / "run" / "step_00000001")))
     assert fresh.step == 1
+
+
+def test_an_upload_cut_short_leaves_no_checkpoint_for_restore(tmp_path, monkeypatch):
+    """publish_checkpoint, the upload that runs while training goes on, writes each file whole: a worker killed
+    in the middle (here: before the rename) leaves a hidden partial file, which restore passes over."""
+    import ray.train
+
+    run = storage.resolve(tmp_path / "run")
+    (run / pretrain.RUN_FILE).write_text("{}")
+    trainer = Pretrainer(micro_cfg(), -8.0, 4.0, torch.device("cpu"))
+
+    def written(step: int) -> ray.train.Checkpoint:  # what report() hands to Ray: the state in a folder of its own
+        trainer.train_step([fake_batch(step)])
+        (tmp_path / f"local{step}").mkdir()
+        trainer.save(tmp_path / f"local{step}" / pretrain.CHECKPOINT_FILE)
+        return ray.train.Checkpoint.from_directory(str(tmp_path / f"local{step}"))
+
+    published = runs.publish_checkpoint(run, written(1), "step_00000001")
+    assert published.path == str(run / "step_00000001")
+    assert not (tmp_path / "local1").exists(), "the local folder outlived its upload"
+
+    def killed(self, dest):
+        raise SystemExit("worker killed")
+
+    monkeypatch.setattr(storage.Location, "move_to", killed)
+    with pytest.raises(SystemExit):
+        runs.publish_checkpoint(run, written(2), "step_00000002")
+    assert [f.name for f in (run / "step_00000002").files()] == [f".{pretrain.CHECKPOINT_FILE}.partial"]
+    assert (tmp_path / "local2" / pretrain.CHECKPOINT_FILE).exists(), "deleted before the upload was done"
+    restored = Pretrainer(micro_cfg(), -8.0, 4.0, torch.device("cpu"))
+    pretrain.restore(restored, run, None)
+    assert restored.step == 1
+    # A run folder the worker's node does not see (a local path on another node) stops the run.
+    with pytest.raises(RuntimeError, match="does not see the run folder"):
+        runs.publish_checkpoint(storage.resolve(tmp_path / "elsewhere"), written(3), "step_00000003")
 
 
 def test_gradient_accumulation_averages_micro_batches():
@@ -200,6 +236,82 @@ def test_killed_worker_is_restarted_and_the_run_completes(tmp_path, small_store,
     stats = data.read_stats(small_store)
     model = load_model(result.run_dir)
     assert (model.mean, model.std, model.window_frames) == (stats["mean"], stats["std"], 128)
+
+
+class _StepOnly:
+    """A trainer as the run machinery sees one, whose whole state is its step."""
+
+    checkpoint_file = "state.pt"
+
+    def __init__(self) -> None:
+        self.step = 0
+
+    def save(self, path: Path) -> None:
+        torch.save({"step": self.step}, path)
+
+    def load(self, path) -> None:
+        self.step = int(runs.read_checkpoint(path, "test", {"step"})["step"])
+
+
+def _stalled_upload_loop(config):
+    """Two steps, each with a checkpoint report. On the first attempt step 2's upload stalls before its rename
+    (slow storage), and the worker dies right after that report, killing the upload. The worker writes the step
+    it restored and how long each report kept it."""
+    import ray.train
+    from ajepa import storage
+    from ajepa.train import runs
+
+    out = Path(config["out"])
+    first_attempt = not (out / "killed").exists()
+    if first_attempt:
+        rename = storage.Location.move_to
+
+        def stalled(self, dest):
+            if dest.parent.name == "step_00000002":
+                time.sleep(120)
+            rename(self, dest)
+
+        storage.Location.move_to = stalled
+    trainer = _StepOnly()
+    runs.restore(trainer, config["run_dir"], ray.train.get_checkpoint())
+    record = {"restored": trainer.step, "blocked": []}
+    while trainer.step < 2:
+        trainer.step += 1
+        start = time.perf_counter()
+        runs.report(trainer, {"step": trainer.step}, True, trainer.step, config["run_dir"], False)
+        record["blocked"].append(time.perf_counter() - start)
+        (out / f"{'first' if first_attempt else 'restart'}.json").write_text(json.dumps(record))
+        if first_attempt and trainer.step == 2:
+            (out / "killed").write_text("")
+            os._exit(1)
+
+
+@pytest.mark.slow
+def test_training_goes_on_during_an_upload_and_a_kill_during_it_restarts_from_a_complete_one(tmp_path, ray_local):
+    """Checkpoint uploads run in the background (Ray's ASYNC mode): a report does not wait for one that stalls.
+    A worker dying meanwhile takes the upload with it; the restart takes the newest complete checkpoint, and
+    the run's last checkpoint is whole. (The 2-worker runs below go through the same reports.)"""
+    import ray.cloudpickle
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray's workers cannot import this test module
+    run_dir = storage.resolve(tmp_path / "run")
+    (run_dir / pretrain.RUN_FILE).write_text("{}")
+    result = TorchTrainer(
+        _stalled_upload_loop, train_loop_config={"run_dir": run_dir, "out": str(tmp_path)},
+        scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 0.5}),
+        run_config=RunConfig(name="run", storage_path=str(tmp_path), failure_config=FailureConfig(max_failures=1),
+                             checkpoint_config=CheckpointConfig(num_to_keep=runs.KEEP_CHECKPOINTS))).fit()
+    first = json.loads((tmp_path / "first.json").read_text())
+    assert len(first["blocked"]) == 2, "the worker was still in its report when it was killed"
+    assert max(first["blocked"]) < 10, f"reports waited for the 120 s upload: {first['blocked']} s"
+    assert json.loads((tmp_path / "restart.json").read_text())["restored"] == 1, "not the newest complete checkpoint"
+    assert result.checkpoint.path == str(run_dir / "step_00000002")
+    trainer = _StepOnly()
+    trainer.load(run_dir / "step_00000002" / trainer.checkpoint_file)
+    assert trainer.step == 2
+    assert [f.name for f in (run_dir / "step_00000002").files()] == ["state.pt"], "a partial file was left"
 
 
 @pytest.mark.slow

@@ -59,6 +59,9 @@ def test_files_folders_and_copies_behave_the_same_everywhere(where, tmp_path):
     assert (root / "b" / "sub" / "w.bin").read_bytes() == b"\0\1" and (root / "b" / "top.bin").read_bytes() == b"\2"
     (root / "single" / "top.bin").upload(local / "top.bin")
     assert (root / "single" / "top.bin").read_bytes() == b"\2"
+    (root / "single" / "whole.bin").upload_whole(local / "sub" / "w.bin")
+    assert [f.name for f in (root / "single").files()] == ["top.bin", "whole.bin"], "a partial file was left"
+    assert (root / "single" / "whole.bin").read_bytes() == b"\0\1"
     with (root / "b").local_copy() as copy:
         assert (copy / "sub" / "w.bin").read_bytes() == b"\0\1"
     (root / "a").move_to(root / "c")

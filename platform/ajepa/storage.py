@@ -152,6 +152,17 @@ class Location:
             (self if local.is_dir() else self.parent).mkdir()
         pafs.copy_files(str(local), self.path, source_filesystem=_LOCAL, destination_filesystem=self.fs)
 
+    def upload_whole(self, local: Path) -> None:
+        """Copy a local file to here so that readers see all of it or nothing, even if this process dies during
+        the copy: on a local disk it is written under a hidden name in the same folder and renamed (atomic); in
+        object storage an object appears only once its upload completes."""
+        if not self.is_local:
+            self.upload(local)
+            return
+        partial = self.parent / f".{self.name}.partial"
+        partial.upload(local)
+        partial.move_to(self)
+
     @contextlib.contextmanager
     def local_copy(self) -> Iterator[Path]:
         """This file or folder as a local path: itself on a local disk, else a temporary download."""

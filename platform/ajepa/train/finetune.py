@@ -323,7 +323,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if rank == 0:
             tracker.log_metrics(metrics, step)
             config["progress"].put(metrics)  # the driver prints it: workers' own output stays in Ray's logs
-        runs.report(trainer, metrics, save_now and rank == 0, step, config["local_run_dir"])
+        runs.report(trainer, metrics, save_now and rank == 0, step, config["run_dir"], cfg.run.workers == 0)
         window_start, window_steps = time.perf_counter(), 0
 
 

@@ -194,7 +194,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     worker = runs.worker_setup(config)
     cfg, rank, world, device, tracker = worker.cfg, worker.rank, worker.world, worker.device, worker.tracker
     trainer = Pretrainer(cfg, config["mean"], config["std"], device, rank, world)
-    local_run_dir = config["local_run_dir"]
     runs.restore(trainer, config["run_dir"], ray.train.get_checkpoint())
     probe_sets = load_probe_sets(config["eval_store"], cfg.eval.max_clips) if cfg.eval.every and rank == 0 else None
     batches = ((fbank, n_frames) for fbank, n_frames, _ in runs.host_batches(
@@ -224,7 +223,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if rank == 0:
             tracker.log_metrics(metrics, step)
             config["progress"].put(metrics)  # the driver prints it: workers' own output stays in Ray's logs
-        runs.report(trainer, metrics, save_now and rank == 0, step, local_run_dir)
+        runs.report(trainer, metrics, save_now and rank == 0, step, config["run_dir"], cfg.run.workers == 0)
         window_start, window_steps, window_data = time.perf_counter(), 0, 0.0
     steps.close()
 

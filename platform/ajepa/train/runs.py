@@ -3,7 +3,8 @@
 Driver side: the store a job reads, run naming, the run folder with its `run.json` record, `--resume`, the
 MLflow run (FINISHED, FAILED on any error, KILLED on Ctrl-C) and the Ray Train `TorchTrainer` with its failure
 handling and the progress line. Worker side: the rank's batches from the restored step on, checkpoints reported
-through the collective `ray.train.report`, `restore()` from the newest complete checkpoint and the fault hook.
+through the collective `ray.train.report` and uploaded while training goes on, `restore()` from the newest
+complete checkpoint and the fault hook.
 
 A job plugs in its loop and its trainer. A trainer is any object with `step`, `save(path)`, `load(path)`
 (raising `CheckpointError`) and `checkpoint_file`, the file name inside each `step_XXXXXXXX` folder.
@@ -18,12 +19,14 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import signal
 import tempfile
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -39,6 +42,8 @@ RUN_FILE = "run.json"
 KEEP_CHECKPOINTS = 2
 FAULT_ENV = "AJEPA_FAULT_AT_STEP"  # test hook: the last rank dies once at this step
 logger = logging.getLogger(__name__)
+# A worker's checkpoint uploads, one at a time, each started as soon as rank 0 has written it (see `report`).
+_uploads = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ajepa-checkpoint-upload")
 
 
 class CheckpointError(RuntimeError):
@@ -123,46 +128,83 @@ def host_batches(config: dict[str, Any], worker: Worker, start: int, columns: tu
 
 
 def maybe_fail(config: dict[str, Any], step: int, worker: Worker) -> None:
-    """The fault-injection hook: the last rank dies once, hard, when it is about to train `FAULT_ENV`'s step."""
+    """The fault-injection hook: the last rank dies once, hard, when it is about to train `FAULT_ENV`'s step,
+    after the checkpoints it reported are uploaded, so that a test knows which one the restart takes (a death
+    during an upload is tested apart)."""
     if config.get("fault_at_step") == step and worker.rank == worker.world - 1:
         marker: Location = config["fault_marker"]
         if not marker.exists():
             marker.write_bytes(b"")
+            _uploads.submit(lambda: None).result()  # runs after every upload before it
             os._exit(1)  # a hard worker death, as from an OOM kill or a lost node
 
 
-def report(trainer: Trainer, metrics: dict[str, float], with_checkpoint: bool, step: int,
-           local_run_dir: Location | None) -> None:
+def report(trainer: Trainer, metrics: dict[str, float], with_checkpoint: bool, step: int, run_dir: Location,
+           in_process: bool) -> None:
     """Every rank calls report the same number of times (it is a collective); rank 0 attaches the state.
 
-    In local mode (run.workers=0) Ray Train keeps no copy of a reported checkpoint, so it is copied into the run
-    folder, where Ray would have put it, and the newest two are kept, as Ray keeps them."""
+    Rank 0 writes the state into a folder of its own, and that write is all the ranks wait for: the upload into
+    the run folder (`publish_checkpoint`, which then deletes the folder) runs on a thread of ours while training
+    goes on, and Ray's `CheckpointUploadMode.ASYNC` waits for it on Ray's own upload thread, then registers the
+    checkpoint, in report order. Ray's thread alone would start an upload only after every earlier report has
+    been handed to the controller, which takes one report a worker per poll (every 2 s): reports closer than
+    that would delay uploads more and more. A report without a checkpoint is asynchronous too: a synchronous
+    one would wait for the upload before it, as Ray hands reports on in order.
+
+    In local mode (run.workers=0, `in_process`) Ray Train uploads nothing and keeps no copy of a reported
+    checkpoint, so it is published here, into the run folder, where Ray would have put it, and the newest two
+    are kept, as Ray keeps them."""
     import ray.train
 
-    with tempfile.TemporaryDirectory() as folder:
-        checkpoint = None
-        if with_checkpoint:
-            trainer.save(Path(folder) / trainer.checkpoint_file)
-            checkpoint = ray.train.Checkpoint.from_directory(folder)
-            if local_run_dir is not None:
-                where = local_run_dir / f"step_{step:08d}"
-                where.upload(Path(folder))
-                checkpoint = ray.train.Checkpoint(where.path, filesystem=where.fs)
-                for old in local_checkpoints(local_run_dir)[:-KEEP_CHECKPOINTS]:
-                    old.delete()
-        ray.train.report(metrics, checkpoint=checkpoint,
-                         checkpoint_dir_name=f"step_{step:08d}" if checkpoint is not None else None)
+    if not with_checkpoint:
+        ray.train.report(metrics, checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC)
+        return
+    name = f"step_{step:08d}"
+    folder = Path(tempfile.mkdtemp(prefix="ajepa-checkpoint-"))  # lives until uploaded: publish_checkpoint ends it
+    trainer.save(folder / trainer.checkpoint_file)
+    checkpoint = ray.train.Checkpoint.from_directory(folder)
+    if in_process:
+        checkpoint = publish_checkpoint(run_dir, checkpoint, name)
+        for old in local_checkpoints(run_dir)[:-KEEP_CHECKPOINTS]:
+            old.delete()
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
+        return
+    upload = _uploads.submit(publish_checkpoint, run_dir, checkpoint, name)
+    ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name,
+                     checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
+                     checkpoint_upload_fn=lambda _checkpoint, _name: upload.result(),
+                     delete_local_checkpoint_after_upload=False)
+
+
+def publish_checkpoint(run_dir: Location, checkpoint: Any, name: str) -> Any:
+    """Copy a checkpoint's local folder to `run_dir / name` and delete the folder; returns the copy's Checkpoint.
+
+    Each file appears whole or not at all (`Location.upload_whole`): a worker killed during the upload, which
+    in asynchronous mode overlaps training, leaves no `step_*/*.pt` that `restore` would try. (Ray's own upload
+    writes the files in place.) A run folder this node cannot see (a local path on another node) stops the
+    run, as Ray's own upload would: the files would land on this node's disk, where no restart finds them."""
+    import ray.train
+
+    if not (run_dir / RUN_FILE).exists():
+        raise RuntimeError(f"{run_dir}: this worker's node does not see the run folder; run.out_dir must be "
+                           "storage every node reaches (a shared file system, s3://, gs://)")
+    folder, where = Path(checkpoint.path), run_dir / name
+    for file in sorted(folder.iterdir()):
+        (where / file.name).upload_whole(file)
+    shutil.rmtree(folder)
+    return ray.train.Checkpoint(where.path, filesystem=where.fs)
 
 
 def restore(trainer: Trainer, run_dir: Path | Location, registered: Any) -> None:
     """Load the newest complete checkpoint of the run, if any.
 
     Ray Train restores only the checkpoints its controller has registered, and it registers a reported one
-    when it next polls the workers, every few seconds. On a GPU that is tens of steps: a worker that dies
-    between its report and the poll would restart the run from an older checkpoint, or from scratch,
-    although the newer one sits complete in the run folder. So the run folder comes first, newest first,
-    skipping one a dying worker left half-written; Ray's own is the fallback where the run folder is not on
-    this node's file system."""
+    once its background upload has finished and the controller next polls the workers, every 2 s. On a GPU
+    that is tens of steps: a worker that dies between the upload and the poll would restart the run from an
+    older checkpoint, or from scratch, although the newer one sits complete in the run folder. So the run
+    folder comes first, newest first. An upload cut short leaves no checkpoint file there (`publish_checkpoint`
+    writes each file whole or not at all); one that cannot be read all the same is skipped. Ray's own is the
+    fallback where the run folder is not on this node's file system."""
     for folder in reversed(local_checkpoints(run_dir)):
         try:
             trainer.load(folder / trainer.checkpoint_file)
@@ -327,8 +369,8 @@ def fit(plan: RunPlan, loop: Callable[[dict[str, Any]], None], loop_config: dict
     """Run `loop` on Ray Train and return its Result. The loop gets `loop_config` plus the shared keys: config,
     train_files (the store's train split, which `train_batches` reads), tracking_uri, mlflow_run_id, progress (a
     queue for rank 0's metrics, which the driver prints as `<job>: step/total steps, describe(metrics), ETA`),
-    run_dir, local_run_dir (in-process runs: Ray keeps no checkpoint copy; else None), fault_marker and
-    fault_at_step. Locations travel with their filesystem: every worker reaches the same bucket endpoint."""
+    run_dir (where `report` publishes checkpoints), fault_marker and fault_at_step. Locations travel with their
+    filesystem: every worker reaches the same bucket endpoint."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     from ray.util.queue import Queue
@@ -343,8 +385,7 @@ def fit(plan: RunPlan, loop: Callable[[dict[str, Any]], None], loop_config: dict
     progress = Queue(actor_options={"num_cpus": 0})  # rank 0's metrics at every log step, for the driver
     loop_config = {**loop_config, "config": cfg.to_dict(), "train_files": train_files,
                    "tracking_uri": plan.record["tracking_uri"], "mlflow_run_id": plan.record["mlflow_run_id"],
-                   "progress": progress, "fault_marker": run_dir / "fault_injected", "run_dir": run_dir,
-                   "local_run_dir": run_dir if cfg.run.workers == 0 else None}
+                   "progress": progress, "fault_marker": run_dir / "fault_injected", "run_dir": run_dir}
     if os.environ.get(FAULT_ENV):
         loop_config["fault_at_step"] = int(os.environ[FAULT_ENV])
     use_gpu = cfg.run.gpus_per_worker > 0
