@@ -46,6 +46,7 @@ def test_yaml_and_overrides(tmp_path):
         ("", ["eval.pool=max"], "eval.pool: must be one of mean, freq, got 'max'"),
         ("", ["finetune.layer_decay=0"], "finetune.layer_decay: must be in (0, 1]"),
         ("", ["finetune.loss=mse"], "finetune.loss: must be one of auto, ce, bce"),
+        ("", ["finetune.head_norm=groupnorm"], "finetune.head_norm: must be one of layernorm, batchnorm"),
         ("finetune:\n  token_ratio: 1.5\n", [], "finetune.token_ratio: must be in (0, 1)"),
         ("", ["lr=1"], "key must be section.key"),
         ("", ["optim.lr"], "expected section.key=value"),

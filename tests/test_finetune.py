@@ -109,9 +109,11 @@ def test_layer_wise_lr_decay_groups_and_the_head():
         assert group["lr"] == pytest.approx(cfg.finetune.lr * group["lr_scale"])
 
 
-def test_resume_from_a_checkpoint_is_exact(tmp_path):
-    """Same step, same draws (crop, SpecAugment, mixup, masked keys, drop path): the weights of an unbroken run."""
-    cfg = micro_cfg("finetune.mixup=0.5", "finetune.steps=4")
+@pytest.mark.parametrize("head_norm", ["layernorm", "batchnorm"])
+def test_resume_from_a_checkpoint_is_exact(tmp_path, head_norm):
+    """Same step, same draws (crop, SpecAugment, mixup, masked keys, drop path): the weights (and the head's
+    running statistics) of an unbroken run."""
+    cfg = micro_cfg("finetune.mixup=0.5", "finetune.steps=4", f"finetune.head_norm={head_norm}")
     task = Task(["a", "b", "c"], False, "ce")
     batches = [(*fake_batch(i, 4), torch.tensor([0, 1, 2, i % 3])) for i in range(4)]
     straight = Finetuner(cfg, task, -8.0, 4.0, torch.device("cpu"))
@@ -125,8 +127,26 @@ def test_resume_from_a_checkpoint_is_exact(tmp_path):
     resumed.load(tmp_path / "finetune.pt")
     for batch in batches[2:]:
         resumed.train_step(*batch)
-    for a, b in zip(straight.model.parameters(), resumed.model.parameters(), strict=True):
-        assert torch.equal(a, b)
+    ours, theirs = resumed.model.state_dict(), straight.model.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    assert ("feature_norm.running_mean" in theirs) == (head_norm == "batchnorm")
+
+
+def test_batchnorm_head_standardises_the_pooled_features_over_the_batch_and_evaluates_on_running_statistics():
+    torch.manual_seed(0)
+    model = Classifier(micro_cfg().model, 3, 128, 128, head_norm="batchnorm")
+    seen = []
+    model.fc_norm.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0]))
+    x = torch.randn(6, 128, 128)
+    model.train()
+    model(x)
+    torch.testing.assert_close(seen[0].mean(0), torch.zeros(seen[0].shape[1]), atol=1e-5, rtol=0)
+    # var / (var + eps) per feature: the random encoder's pooled features vary little from clip to clip
+    torch.testing.assert_close(seen[0].var(0, unbiased=False), torch.ones(seen[0].shape[1]), atol=0.05, rtol=0)
+    model.eval()  # one clip alone gets the same output as in any batch: no batch statistics at evaluation
+    with torch.no_grad():
+        torch.testing.assert_close(model(x[:1]), model(x)[:1])
+    assert not list(model.feature_norm.parameters()), "no affine: nothing for the optimizer or layer decay"
 
 
 def test_multi_label_trains_one_sigmoid_per_class_and_reports_average_precision():

@@ -245,6 +245,7 @@ class EvalConfig:
 
 TOKEN_REGULARIZERS = ("rm", "drop", "zero", "none")
 FINETUNE_LOSSES = ("auto", "ce", "bce")
+HEAD_NORMS = ("layernorm", "batchnorm")
 
 
 @dataclass
@@ -270,6 +271,11 @@ class FinetuneConfig:
     mixup: float = 0.0  # mixup with weight ~ Beta(mixup, mixup) per batch (0: off)
     loss: str = "auto"  # ce (single-label), bce (one sigmoid per class), auto: bce for multi-label stores
     eval_every: int = 100  # val metric every this many steps, and at the end
+    # layernorm: pool -> LayerNorm -> Linear (AudioMAE). batchnorm: each pooled feature first standardised over
+    # the batch (running statistics at evaluation, no affine: MAE's linear-probe head). Mean-pooled features
+    # share one large component that a per-clip LayerNorm keeps, which slows the head: on the demo store,
+    # 1000 steps from scratch 17.1% -> 29.6% test, from the 1000-step encoder 11.8% -> 22.9%.
+    head_norm: str = "layernorm"
 
     def validate(self, prefix: str = "finetune") -> None:
         _check(self.encoder in ("target", "context"), f"{prefix}.encoder",
@@ -292,6 +298,8 @@ class FinetuneConfig:
                f"must be one of {', '.join(FINETUNE_LOSSES)}, got {self.loss!r}")
         _check(self.eval_every >= 0, f"{prefix}.eval_every",
                f"must be >= 0 (0: at the end only), got {self.eval_every}")
+        _check(self.head_norm in HEAD_NORMS, f"{prefix}.head_norm",
+               f"must be one of {', '.join(HEAD_NORMS)}, got {self.head_norm!r}")
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Fine-tuning model (method.md §5): a pretrained ViT encoder, mean-pooled, LayerNorm, Linear; the token
+"""Fine-tuning model (method.md §5): a pretrained ViT encoder, mean-pooled, [BatchNorm,] LayerNorm, Linear; the token
 regularisers of training (regularized masking, token dropping, patch zeroing) and layer-wise lr decay groups.
 
 Pure torch: the token draws take a generator, so the fine-tuning step can make them a function of
@@ -60,11 +60,14 @@ def draw_token_masks(kind: str, ratio: float, batch: int, n_tokens: int, depth: 
 
 
 class Classifier(nn.Module):
-    """Encoder -> mean over its patch tokens -> LayerNorm -> Linear."""
+    """Encoder -> mean over its patch tokens -> [BatchNorm without affine: `head_norm` batchnorm] -> LayerNorm ->
+    Linear."""
 
-    def __init__(self, cfg: ModelConfig, num_classes: int, num_mel_bins: int = 128, max_frames: int = 1024):
+    def __init__(self, cfg: ModelConfig, num_classes: int, num_mel_bins: int = 128, max_frames: int = 1024,
+                 head_norm: str = "layernorm"):
         super().__init__()
         self.encoder = VisionTransformer(cfg, num_mel_bins, max_frames)
+        self.feature_norm = nn.BatchNorm1d(cfg.embed_dim, affine=False) if head_norm == "batchnorm" else nn.Identity()
         self.fc_norm = nn.LayerNorm(cfg.embed_dim, eps=1e-6)
         self.head = nn.Linear(cfg.embed_dim, num_classes)
         nn.init.trunc_normal_(self.head.weight, std=HEAD_INIT_STD)
@@ -76,7 +79,7 @@ class Classifier(nn.Module):
         if masks.zero is not None:
             x = x * ~self._patch_pixels(masks.zero, x.shape[1], x.shape[2])
         tokens = self.encoder(x, keep=masks.keep, key_mask=masks.key_mask)
-        return self.head(self.fc_norm(tokens.mean(1)))
+        return self.head(self.fc_norm(self.feature_norm(tokens.mean(1))))
 
     def _patch_pixels(self, zero: Tensor, frames: int, bins: int) -> Tensor:
         """(B, N) patch flags -> (B, T, F) flags over each patch's spectrogram pixels."""

@@ -86,7 +86,8 @@ class Finetuner:
         ft = cfg.finetune
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank (and the same random init)
         model_cfg = dataclasses.replace(cfg.model, drop_path=ft.drop_path)
-        self.model = Classifier(model_cfg, len(task.classes), cfg.audio.num_mel_bins, cfg.data.crop_frames)
+        self.model = Classifier(model_cfg, len(task.classes), cfg.audio.num_mel_bins, cfg.data.crop_frames,
+                                ft.head_norm)
         if encoder_state is not None:
             self.model.encoder.load_state_dict(encoder_state)
         self.model.to(device)
@@ -437,7 +438,8 @@ def _progress_text(m: dict[str, float]) -> str:
 
 def export_model(state: dict[str, Any], task: Task, path: Path, stats: dict[str, Any]) -> Path:
     """The fine-tuned classifier's weights as safetensors, with what using it needs in the metadata: the model
-    config, the classes and label kind, and the input settings (store audio config, mean/std, crop, normalise)."""
+    config, its head norm, the classes and label kind, and the input settings (store audio config, mean/std, crop,
+    normalise)."""
     from safetensors.torch import save_file
 
     data_cfg = state["config"]["data"]
@@ -445,5 +447,6 @@ def export_model(state: dict[str, Any], task: Task, path: Path, stats: dict[str,
             "crop_frames": data_cfg["crop_frames"], "normalize": data_cfg["normalize"]}
     weights = {k: v.contiguous() for k, v in state["model"].items()}
     save_file(weights, str(path), metadata={"config": json.dumps(state["config"]["model"]), "step": str(state["step"]),
+                                            "head_norm": state["config"]["finetune"]["head_norm"],
                                             "task": json.dumps(dataclasses.asdict(task)), "input": json.dumps(spec)})
     return path
