@@ -41,6 +41,7 @@ from ajepa.storage import Location
 RUN_FILE = "run.json"
 KEEP_CHECKPOINTS = 2
 FAULT_ENV = "AJEPA_FAULT_AT_STEP"  # test hook: the last rank dies once at this step
+CONTROLLER_POLL_ENV, CONTROLLER_POLL_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", 0.5  # see `fit`
 logger = logging.getLogger(__name__)
 # A worker's checkpoint uploads, one at a time, each started as soon as rank 0 has written it (see `report`).
 _uploads = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ajepa-checkpoint-upload")
@@ -388,6 +389,10 @@ def fit(plan: RunPlan, loop: Callable[[dict[str, Any]], None], loop_config: dict
                    "progress": progress, "fault_marker": run_dir / "fault_injected", "run_dir": run_dir}
     if os.environ.get(FAULT_ENV):
         loop_config["fault_at_step"] = int(os.environ[FAULT_ENV])
+    # Train's controller collects one report per worker each time it polls them (every 2 s by default): reports
+    # that come faster queue up (asynchronous mode) and the run's end waits for them, 2 s a report. Its env var
+    # reaches the controller from this process; a value set by the user stays.
+    os.environ.setdefault(CONTROLLER_POLL_ENV, str(CONTROLLER_POLL_S))
     use_gpu = cfg.run.gpus_per_worker > 0
     resources = {"CPU": cfg.run.cpus_per_worker, **({"GPU": cfg.run.gpus_per_worker} if use_gpu else {})}
     storage_path, storage_filesystem = plan.out.ray_storage()
