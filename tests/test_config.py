@@ -47,6 +47,7 @@ def test_yaml_and_overrides(tmp_path):
         ("", ["finetune.layer_decay=0"], "finetune.layer_decay: must be in (0, 1]"),
         ("", ["finetune.loss=mse"], "finetune.loss: must be one of auto, ce, bce"),
         ("", ["finetune.head_norm=groupnorm"], "finetune.head_norm: must be one of layernorm, batchnorm"),
+        ("", ["finetune.head_norm=batchnorm", "data.batch_size=1"], "finetune.head_norm: batchnorm standardises over"),
         ("finetune:\n  token_ratio: 1.5\n", [], "finetune.token_ratio: must be in (0, 1)"),
         ("", ["lr=1"], "key must be section.key"),
         ("", ["optim.lr"], "expected section.key=value"),

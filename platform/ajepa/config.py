@@ -321,6 +321,9 @@ class Config:
                f"num_mel_bins {self.audio.num_mel_bins} is not divisible by patch_size {patch}")
         _check(self.data.crop_frames % patch == 0, "data.crop_frames",
                f"{self.data.crop_frames} is not divisible by model.patch_size {patch}")
+        _check(self.finetune.head_norm != "batchnorm" or self.data.batch_size >= 2, "finetune.head_norm",
+               f"batchnorm standardises over a worker's batch: data.batch_size must be >= 2, got "
+               f"{self.data.batch_size}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dicts and lists (tuples become lists): safe for YAML, JSON, Ray and torch.load."""
