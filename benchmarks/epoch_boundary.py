@@ -56,15 +56,23 @@ def demo_store() -> Path:
     return cache_dir() / f"demo-store-{load_config(ROOT / 'configs' / 'demo.yaml').audio.target_frames}f"
 
 
-def step_times(tree: Path, store: Path, out: Path, name: str, steps: int) -> list[float]:
-    """One demo pretraining run from `tree`: the seconds of each of its steps."""
+def logged_step_times(tree: Path, store: Path, out: Path, name: str, steps: int, options: list[str]
+                      ) -> dict[int, float]:
+    """One demo pretraining run from `tree` with more job `options`, no online probe: {logged step: its MLflow
+    `step_time`, the mean seconds of the steps since the previous log step}."""
     job = [sys.executable, str(tree / "jobs" / "pretrain.py"), "--config", str(tree / "configs" / "demo.yaml"),
-           "--workers", "0", "--data", str(store), "--out", str(out), "--steps", str(steps),
-           "--set", "eval.every=0", "--set", "run.log_every=1", "--set", f"run.name={name}"]
+           "--data", str(store), "--out", str(out), "--steps", str(steps), "--set", "eval.every=0",
+           "--set", f"run.name={name}", *options]
     subprocess.run(job, check=True, stdout=subprocess.DEVNULL)
     record = json.loads((out / name / "run.json").read_text())
     history = mlflow.MlflowClient(record["tracking_uri"]).get_metric_history(record["mlflow_run_id"], "step_time")
-    return [m.value for m in sorted(history, key=lambda m: m.step)]
+    return {m.step: m.value for m in history}
+
+
+def step_times(tree: Path, store: Path, out: Path, name: str, steps: int) -> list[float]:
+    """One in-process demo pretraining run from `tree`, logging every step: the seconds of each of its steps."""
+    logged = logged_step_times(tree, store, out, name, steps, ["--workers", "0", "--set", "run.log_every=1"])
+    return [logged[s] for s in sorted(logged)]
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,9 @@ from epoch_boundary import baseline_tree
 ROOT = Path(__file__).resolve().parents[1]
 
 # Run in a fresh process with the tree's library first on the path: one build, timed without Ray's start-up.
+# An optional 4th argument caps the local Ray's CPUs (benchmarks/scaling.py; older trees' init_ray takes it too);
+# with a 5th, `again`, a second build follows in the same Ray, timed too: its tasks find their worker processes
+# started and torch imported, as all but the first few tasks of a large build do.
 BUILD = """
 import json, sys, time
 sys.path.insert(0, sys.argv[1] + "/platform")
@@ -35,10 +38,16 @@ from ajepa.config import load_config
 from ajepa.data import build_store
 from ajepa.runtime import init_ray
 started = time.perf_counter()
-init_ray()
+init_ray(int(sys.argv[4]) or None if len(sys.argv) > 4 else None)  # 0: no cap
 ready = time.perf_counter()
-summary = build_store(sys.argv[2], sys.argv[3], load_config(sys.argv[1] + "/configs/demo.yaml").audio)
-print(json.dumps({"ray_start_s": ready - started, "build_s": time.perf_counter() - ready, "written": summary.written}))
+audio = load_config(sys.argv[1] + "/configs/demo.yaml").audio
+summary = build_store(sys.argv[2], sys.argv[3], audio)
+result = {"ray_start_s": ready - started, "build_s": time.perf_counter() - ready, "written": summary.written}
+if sys.argv[5:] == ["again"]:
+    again = time.perf_counter()
+    build_store(sys.argv[2], sys.argv[3] + "-again", audio)
+    result["again_s"] = time.perf_counter() - again
+print(json.dumps(result))
 """
 
 
@@ -51,9 +60,14 @@ def demo_manifest(cache: Path) -> Path:
     return demo_manifest()
 
 
-def build(tree: Path, manifest: Path, out: Path) -> dict[str, float]:
-    done = subprocess.run([sys.executable, "-c", BUILD, str(tree), str(manifest), str(out)], capture_output=True,
-                          text=True, check=False)
+def build(tree: Path, manifest: Path, out: Path, num_cpus: int | None = None, again: bool = False
+          ) -> dict[str, float]:
+    """One build of `manifest` by `tree` in a fresh process; `num_cpus` caps a new local Ray's CPUs (it has no
+    effect on a cluster the process joins: RAY_ADDRESS=local makes it start its own); `again` times a second
+    build into `<out>-again` in the same Ray (`again_s`)."""
+    extra = ([] if num_cpus is None and not again else [str(num_cpus or 0)]) + (["again"] if again else [])
+    done = subprocess.run([sys.executable, "-c", BUILD, str(tree), str(manifest), str(out), *extra],
+                          capture_output=True, text=True, check=False)
     if done.returncode:
         raise SystemExit(f"build from {tree} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
