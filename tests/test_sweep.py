@@ -1,6 +1,6 @@
 """Sweeps: search space files checked before any trial (fast), how many trials fit the cluster, the results table;
-then real Ray Tune sweeps of micro pretraining runs (slow): a 4-trial sweep in MLflow, ASHA stopping a trial, an
-interrupted sweep resumed."""
+then real Ray Tune sweeps of micro runs (slow): a 4-trial sweep in MLflow, ASHA stopping a trial, an interrupted
+sweep resumed, an interrupted fine-tuning sweep resumed with ASHA's rungs."""
 
 import json
 import math
@@ -8,6 +8,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import mlflow
@@ -276,6 +277,20 @@ def test_a_failed_trial_gets_a_failed_child_run_with_its_error_and_the_sweep_goe
     assert child.data.params["eval.store"] == str(missing) and str(missing) in child.data.tags["ajepa.error"]
 
 
+def interrupt_when(ready: Callable[[], bool]) -> threading.Thread:
+    """Ctrl-C to this process once `ready()`, polled on a thread: Tune saves its state and stops the running trial."""
+
+    def watch() -> None:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and not ready():
+            time.sleep(0.2)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    return watcher
+
+
 @pytest.mark.slow
 def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, tone_store):
     space = space_file(tmp_path, "optim.lr: {grid: [1.0e-4, 3.0e-4]}\n")
@@ -284,15 +299,7 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, t
     cfg = sweep_cfg(tmp_path, "run.name=resumable", "data.batch_size=1", "optim.steps=16", "run.log_every=4",
                     "eval.every=8")
     sweep_dir = tmp_path / "resumable"
-
-    def interrupt_once_the_second_trial_has_a_checkpoint() -> None:
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline and not list(sweep_dir.glob("trial_*_00001/step_00000004")):
-            time.sleep(0.2)
-        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C: Tune saves its state and stops the running trial
-
-    watcher = threading.Thread(target=interrupt_once_the_second_trial_has_a_checkpoint, daemon=True)
-    watcher.start()
+    watcher = interrupt_when(lambda: any(sweep_dir.glob("trial_*_00001/step_00000004")))
     with pytest.raises(KeyboardInterrupt):
         run_sweep(cfg, space, SweepSettings(scheduler="fifo", max_concurrent=1), store=tone_store)
     watcher.join()
@@ -313,6 +320,34 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, t
     losses = sorted(m.step for m in client.get_metric_history(second.info.run_id, "loss"))
     assert losses.count(4) == 1 and set(losses) == {4, 8, 12, 16}, "the second trial went on from its checkpoint"
     assert children[1].info.status == "FINISHED" and children[1].data.tags["ajepa.stop_reason"] == COMPLETED
+
+
+@pytest.mark.slow
+def test_a_resumed_asha_finetune_sweep_ranks_its_trials_against_the_rungs_from_before_the_interruption(
+        tmp_path, tone_store):
+    # A fine-tuning sweep from scratch; as in the ASHA test the objective is the reported lr, minimised, one trial
+    # at a time. Interrupted once the first trial has completed and the second has begun, before the second's
+    # first rung (step 2). Resumed, the second meets the first's value at that rung and is stopped there (with
+    # empty rungs it would run to the end).
+    space = space_file(tmp_path, "finetune.lr: {grid: [1.0e-4, 1.0e-3]}\n")
+    sweep_dir = tmp_path / "rungs"
+    watcher = interrupt_when(lambda: any(sweep_dir.glob("trial_*_00001")))
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(sweep_cfg(tmp_path, "run.name=rungs", "finetune.steps=8", "finetune.eval_every=0"), space,
+                  SweepSettings(job="finetune", checkpoint="none", metric="lr", mode="min", max_concurrent=1),
+                  store=tone_store)
+    watcher.join()
+    record = json.loads((sweep_dir / "run.json").read_text())
+    client, parent, (first, *second) = runs_of(record["tracking_uri"], record["mlflow_run_id"])
+    assert first.info.status == "FINISHED" and first.data.tags["ajepa.last_step"] == "8"
+    assert first.data.tags["ajepa.job"] == "finetune" and first.data.params["finetune.lr"] == "0.0001"
+    assert (sweep_dir / first.info.run_name / "model.safetensors").exists(), "the finished trial's classifier"
+    assert all("ajepa.last_step" not in run.data.tags for run in second), "interrupted before its first report"
+
+    result = run_sweep(load_config(None, [f"run.out_dir={tmp_path}"]), None, SweepSettings(), resume="rungs")
+    first, second = result.trials
+    assert (first.reason, first.step) == (COMPLETED, 8) and (second.reason, second.step) == (STOPPED, 2)
+    assert not (sweep_dir / second.name / "model.safetensors").exists()
 
 
 # ------------------------------------------------------------------------------------ the MLflow UI, in a browser

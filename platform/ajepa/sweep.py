@@ -19,6 +19,7 @@ import dataclasses
 import logging
 import math
 import os
+import pickle
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -199,6 +200,22 @@ class FinishingASHA(AsyncHyperBandScheduler):
         if result.get("step", 0) >= self.last_step:
             return self.CONTINUE
         return super().on_trial_result(tune_controller, trial, result)
+
+
+class SchedulerState(tune.Callback):
+    """Carries the scheduler's state through --resume. Tune saves its searcher and its callbacks with the
+    experiment, not its scheduler: a resumed ASHA would start with empty rungs and let every trial pass the rungs
+    that the trials before the interruption set. Tune pickles the Tuner with its scheduler and callbacks together,
+    so a restored one of these still holds the restored scheduler, and gives it back the rungs it saved."""
+
+    def __init__(self, scheduler: Any):
+        self.scheduler = scheduler
+
+    def get_state(self) -> dict[str, Any]:
+        return {"scheduler": pickle.dumps(self.scheduler.__dict__)}  # what the scheduler's own save() writes
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self.scheduler.__dict__.update(pickle.loads(state["scheduler"]))
 
 
 def _params_text(params: dict[str, Any]) -> str:
@@ -475,7 +492,8 @@ def _tuner(plan: runs.RunPlan, space: SearchSpace, settings: SweepSettings, setu
             reuse_actors=False,  # a fresh process per trial: a stopped trial's Train run dies with its process
             trial_name_creator=trial_name, trial_dirname_creator=trial_name),
         run_config=tune.RunConfig(name=TUNE_DIR, storage_path=storage_path, storage_filesystem=filesystem, verbose=0,
-                                  callbacks=[TrialEnds(setup, cfg.run.experiment, steps)],
+                                  callbacks=[TrialEnds(setup, cfg.run.experiment, steps),
+                                             *([SchedulerState(scheduler)] if scheduler else [])],
                                   failure_config=tune.FailureConfig(max_failures=0)),
     )
 
