@@ -7,6 +7,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -312,6 +313,54 @@ def test_training_goes_on_during_an_upload_and_a_kill_during_it_restarts_from_a_
     trainer.load(run_dir / "step_00000002" / trainer.checkpoint_file)
     assert trainer.step == 2
     assert [f.name for f in (run_dir / "step_00000002").files()] == ["state.pt"], "a partial file was left"
+
+
+def _slow_upload_loop(config):
+    """Three checkpoint reports in a row, each upload taking `upload_s`: the time each report kept the worker and
+    how many checkpoint folders its local disk held after it (its temp files go to a folder of the test's)."""
+    from ajepa import storage
+    from ajepa.train import runs
+
+    tempfile.tempdir = config["tmp"]
+    upload = storage.Location.upload_whole
+
+    def slow(self, file):
+        time.sleep(config["upload_s"])
+        upload(self, file)
+
+    storage.Location.upload_whole = slow
+    trainer, record = _StepOnly(), {"blocked": [], "on_disk": []}
+    while trainer.step < 3:
+        trainer.step += 1
+        start = time.perf_counter()
+        runs.report(trainer, {"step": trainer.step}, True, trainer.step, config["run_dir"], False)
+        record["blocked"].append(time.perf_counter() - start)
+        record["on_disk"].append(len(list(Path(config["tmp"]).glob("ajepa-checkpoint-*"))))
+    (Path(config["tmp"]).parent / "record.json").write_text(json.dumps(record))
+
+
+@pytest.mark.slow
+def test_checkpoints_wait_for_uploads_slower_than_training_instead_of_piling_up_on_disk(tmp_path, ray_local):
+    import ray.cloudpickle
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    run_dir = storage.resolve(tmp_path / "run")
+    (run_dir / pretrain.RUN_FILE).write_text("{}")
+    (tmp_path / "tmp").mkdir()
+    upload_s = 3.0
+    result = TorchTrainer(
+        _slow_upload_loop, train_loop_config={"run_dir": run_dir, "tmp": str(tmp_path / "tmp"), "upload_s": upload_s},
+        scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 0.5}),
+        run_config=RunConfig(name="run", storage_path=str(tmp_path))).fit()
+    record = json.loads((tmp_path / "record.json").read_text())
+    assert record["on_disk"] == [1, 2, 2], "one uploading and one written, never more"
+    first, second, third = record["blocked"]
+    assert first < 1 and second < 1, "the first two do not wait: a second state may sit on disk"
+    assert third > upload_s - 1.5, f"the third waited for the first upload to end: {record['blocked']}"
+    assert result.checkpoint.path == str(run_dir / "step_00000003")
+    assert not list((tmp_path / "tmp").iterdir()), "every local copy deleted once uploaded"
 
 
 @pytest.mark.slow

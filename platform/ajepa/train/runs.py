@@ -45,6 +45,10 @@ CONTROLLER_POLL_ENV, CONTROLLER_POLL_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", 0.
 logger = logging.getLogger(__name__)
 # A worker's checkpoint uploads, one at a time, each started as soon as rank 0 has written it (see `report`).
 _uploads = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ajepa-checkpoint-upload")
+# Checkpoints on rank 0's local disk: the one uploading and the one being written. Where uploads take longer than
+# run.checkpoint_every's steps, training waits for them instead of queueing copies of the state until the disk fills.
+LOCAL_CHECKPOINTS = 2
+_local_checkpoints = threading.BoundedSemaphore(LOCAL_CHECKPOINTS)
 
 
 class CheckpointError(RuntimeError):
@@ -150,7 +154,8 @@ def report(trainer: Trainer, metrics: dict[str, float], with_checkpoint: bool, s
     checkpoint, in report order. Ray's thread alone would start an upload only after every earlier report has
     been handed to the controller, which takes one report a worker per poll (every 2 s): reports closer than
     that would delay uploads more and more. A report without a checkpoint is asynchronous too: a synchronous
-    one would wait for the upload before it, as Ray hands reports on in order.
+    one would wait for the upload before it, as Ray hands reports on in order. Rank 0 holds at most
+    LOCAL_CHECKPOINTS states on its disk: a checkpoint that finds them all still uploading waits for the oldest.
 
     In local mode (run.workers=0, `in_process`) Ray Train uploads nothing and keeps no copy of a reported
     checkpoint, so it is published here, into the run folder, where Ray would have put it, and the newest two
@@ -161,20 +166,37 @@ def report(trainer: Trainer, metrics: dict[str, float], with_checkpoint: bool, s
         ray.train.report(metrics, checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC)
         return
     name = f"step_{step:08d}"
-    folder = Path(tempfile.mkdtemp(prefix="ajepa-checkpoint-"))  # lives until uploaded: publish_checkpoint ends it
-    trainer.save(folder / trainer.checkpoint_file)
-    checkpoint = ray.train.Checkpoint.from_directory(folder)
     if in_process:
-        checkpoint = publish_checkpoint(run_dir, checkpoint, name)
+        checkpoint = publish_checkpoint(run_dir, _write_checkpoint(trainer), name)
         for old in local_checkpoints(run_dir)[:-KEEP_CHECKPOINTS]:
             old.delete()
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
         return
-    upload = _uploads.submit(publish_checkpoint, run_dir, checkpoint, name)
+    waiting = time.perf_counter()
+    _local_checkpoints.acquire()
+    if (waited := time.perf_counter() - waiting) > 1:
+        logger.warning("checkpoint %s waited %.1f s for the upload of the one before: uploads take longer than "
+                       "run.checkpoint_every's steps", name, waited)
+    try:
+        checkpoint = _write_checkpoint(trainer)
+        upload = _uploads.submit(publish_checkpoint, run_dir, checkpoint, name)
+    except BaseException:
+        _local_checkpoints.release()
+        raise
+    upload.add_done_callback(lambda _: _local_checkpoints.release())
     ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name,
                      checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
                      checkpoint_upload_fn=lambda _checkpoint, _name: upload.result(),
                      delete_local_checkpoint_after_upload=False)
+
+
+def _write_checkpoint(trainer: Trainer) -> Any:
+    """The trainer's state in a local folder of its own, as a Checkpoint: it lives until `publish_checkpoint`."""
+    import ray.train
+
+    folder = Path(tempfile.mkdtemp(prefix="ajepa-checkpoint-"))
+    trainer.save(folder / trainer.checkpoint_file)
+    return ray.train.Checkpoint.from_directory(folder)
 
 
 def publish_checkpoint(run_dir: Location, checkpoint: Any, name: str) -> Any:
