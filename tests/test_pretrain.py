@@ -257,12 +257,18 @@ class _StepOnly:
 def _stalled_upload_loop(config):
     """Two steps, each with a checkpoint report. On the first attempt step 2's upload stalls before its rename
     (slow storage), and the worker dies right after that report, killing the upload. The worker writes the step
-    it restored and how long each report kept it."""
+    it restored, how long each report kept it, and what the killed upload had left (its local copy of the state,
+    in a temp folder of the test's, and its partial file in the run folder) before and after `restore`."""
     import ray.train
     from ajepa import storage
     from ajepa.train import runs
 
     out = Path(config["out"])
+    tempfile.tempdir = str(out / "tmp")
+
+    def leftovers() -> list[int]:
+        return [len(list(Path(tempfile.tempdir).iterdir())), len(config["run_dir"].glob("step_*/.*.partial"))]
+
     first_attempt = not (out / "killed").exists()
     if first_attempt:
         rename = storage.Location.move_to
@@ -274,8 +280,9 @@ def _stalled_upload_loop(config):
 
         storage.Location.move_to = stalled
     trainer = _StepOnly()
+    before = leftovers()
     runs.restore(trainer, config["run_dir"], ray.train.get_checkpoint())
-    record = {"restored": trainer.step, "blocked": []}
+    record = {"restored": trainer.step, "blocked": [], "leftovers": [before, leftovers()]}
     while trainer.step < 2:
         trainer.step += 1
         start = time.perf_counter()
@@ -290,8 +297,9 @@ def _stalled_upload_loop(config):
 @pytest.mark.slow
 def test_training_goes_on_during_an_upload_and_a_kill_during_it_restarts_from_a_complete_one(tmp_path, ray_local):
     """Checkpoint uploads run in the background (Ray's ASYNC mode): a report does not wait for one that stalls.
-    A worker dying meanwhile takes the upload with it; the restart takes the newest complete checkpoint, and
-    the run's last checkpoint is whole. (The 2-worker runs below go through the same reports.)"""
+    A worker dying meanwhile takes the upload with it; the restart clears what that upload left, takes the newest
+    complete checkpoint, and the run's last checkpoint is whole. (The 2-worker runs below go through the same
+    reports.)"""
     import ray.cloudpickle
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -299,6 +307,7 @@ def test_training_goes_on_during_an_upload_and_a_kill_during_it_restarts_from_a_
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray's workers cannot import this test module
     run_dir = storage.resolve(tmp_path / "run")
     (run_dir / pretrain.RUN_FILE).write_text("{}")
+    (tmp_path / "tmp").mkdir()
     result = TorchTrainer(
         _stalled_upload_loop, train_loop_config={"run_dir": run_dir, "out": str(tmp_path)},
         scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 0.5}),
@@ -307,7 +316,9 @@ def test_training_goes_on_during_an_upload_and_a_kill_during_it_restarts_from_a_
     first = json.loads((tmp_path / "first.json").read_text())
     assert len(first["blocked"]) == 2, "the worker was still in its report when it was killed"
     assert max(first["blocked"]) < 10, f"reports waited for the 120 s upload: {first['blocked']} s"
-    assert json.loads((tmp_path / "restart.json").read_text())["restored"] == 1, "not the newest complete checkpoint"
+    restart = json.loads((tmp_path / "restart.json").read_text())
+    assert restart["restored"] == 1, "not the newest complete checkpoint"
+    assert restart["leftovers"] == [[1, 1], [0, 0]], "the killed upload's local copy and partial file, cleared"
     assert result.checkpoint.path == str(run_dir / "step_00000002")
     trainer = _StepOnly()
     trainer.load(run_dir / "step_00000002" / trainer.checkpoint_file)

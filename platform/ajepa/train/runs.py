@@ -167,7 +167,7 @@ def report(trainer: Trainer, metrics: dict[str, float], with_checkpoint: bool, s
         return
     name = f"step_{step:08d}"
     if in_process:
-        checkpoint = publish_checkpoint(run_dir, _write_checkpoint(trainer), name)
+        checkpoint = publish_checkpoint(run_dir, _write_checkpoint(trainer, run_dir), name)
         for old in local_checkpoints(run_dir)[:-KEEP_CHECKPOINTS]:
             old.delete()
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
@@ -178,7 +178,7 @@ def report(trainer: Trainer, metrics: dict[str, float], with_checkpoint: bool, s
         logger.warning("checkpoint %s waited %.1f s for the upload of the one before: uploads take longer than "
                        "run.checkpoint_every's steps", name, waited)
     try:
-        checkpoint = _write_checkpoint(trainer)
+        checkpoint = _write_checkpoint(trainer, run_dir)
         upload = _uploads.submit(publish_checkpoint, run_dir, checkpoint, name)
     except BaseException:
         _local_checkpoints.release()
@@ -190,11 +190,15 @@ def report(trainer: Trainer, metrics: dict[str, float], with_checkpoint: bool, s
                      delete_local_checkpoint_after_upload=False)
 
 
-def _write_checkpoint(trainer: Trainer) -> Any:
+def _local_copy_prefix(run_dir: Location) -> str:
+    return f"ajepa-checkpoint-{run_dir.name}-"
+
+
+def _write_checkpoint(trainer: Trainer, run_dir: Location) -> Any:
     """The trainer's state in a local folder of its own, as a Checkpoint: it lives until `publish_checkpoint`."""
     import ray.train
 
-    folder = Path(tempfile.mkdtemp(prefix="ajepa-checkpoint-"))
+    folder = Path(tempfile.mkdtemp(prefix=_local_copy_prefix(run_dir)))
     trainer.save(folder / trainer.checkpoint_file)
     return ray.train.Checkpoint.from_directory(folder)
 
@@ -227,7 +231,17 @@ def restore(trainer: Trainer, run_dir: Path | Location, registered: Any) -> None
     older checkpoint, or from scratch, although the newer one sits complete in the run folder. So the run
     folder comes first, newest first. An upload cut short leaves no checkpoint file there (`publish_checkpoint`
     writes each file whole or not at all); one that cannot be read all the same is skipped. Ray's own is the
-    fallback where the run folder is not on this node's file system."""
+    fallback where the run folder is not on this node's file system.
+
+    Called before training, when this attempt has begun no upload, so it first clears what a worker killed
+    during an upload left: the run's local copies of the state in this node's temp folder (a state each, GBs for
+    ViT-B) and hidden partial files in the run folder's checkpoint folders."""
+    run_dir = storage.resolve(run_dir)
+    for copy in Path(tempfile.gettempdir()).glob(_local_copy_prefix(run_dir) + "*"):
+        shutil.rmtree(copy, ignore_errors=True)
+    for partial in run_dir.glob("step_*/.*.partial"):
+        with contextlib.suppress(FileNotFoundError):  # every rank clears them; another may have been first
+            partial.delete()
     for folder in reversed(local_checkpoints(run_dir)):
         try:
             trainer.load(folder / trainer.checkpoint_file)
