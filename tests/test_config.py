@@ -45,6 +45,8 @@ def test_yaml_and_overrides(tmp_path):
         ("", ["finetune.token_reg=mask"], "finetune.token_reg: must be one of rm, drop, zero, none, got 'mask'"),
         ("", ["eval.pool=max"], "eval.pool: must be one of mean, freq, got 'max'"),
         ("", ["finetune.layer_decay=0"], "finetune.layer_decay: must be in (0, 1]"),
+        ("", ["finetune.train_fraction=0"], "finetune.train_fraction: must be in (0, 1]"),
+        ("", ["finetune.train_fraction=1.5"], "finetune.train_fraction: must be in (0, 1]"),
         ("", ["finetune.loss=mse"], "finetune.loss: must be one of auto, ce, bce"),
         ("", ["finetune.head_norm=groupnorm"], "finetune.head_norm: must be one of layernorm, batchnorm"),
         ("", ["finetune.head_norm=batchnorm", "data.batch_size=1"], "finetune.head_norm: batchnorm standardises over"),

@@ -205,7 +205,7 @@ def finetune_job(out: Path, store: Path, checkpoint: str, *sets: str) -> list[st
 
 
 @pytest.mark.parametrize("case", ["other model size", "not a checkpoint", "no labels", "labels differ between splits",
-                                  "multi-label store, single-label loss"])
+                                  "multi-label store, single-label loss", "label subset under a batch"])
 def test_bad_input_stops_before_training_naming_the_field_or_file(case, stores, tmp_path, capsys):
     checkpoint = str(micro_checkpoint(tmp_path / "pretrained"))
     out, store, sets = tmp_path / "runs", stores["labelled"], []
@@ -221,9 +221,12 @@ def test_bad_input_stops_before_training_naming_the_field_or_file(case, stores, 
         store, message = stores["unlabelled"], f"{stores['unlabelled']}: the train split has no labels"
     elif case == "labels differ between splits":
         store, message = stores["unseen"], f"{stores['unseen']}: split test has labels that train lacks: mid"
-    else:
+    elif case == "multi-label store, single-label loss":
         store, sets = stores["multi"], ["finetune.loss=ce"]
         message = f"finetune.loss: ce takes one label per clip, but {stores['multi']} is multi-label"
+    else:  # 8 train clips of each label: a tenth keeps one of each, 2 clips for a batch of 4
+        sets = ["finetune.train_fraction=0.1"]
+        message = f"finetune.train_fraction: 0.1 of {store}'s train clips is 2, less than one batch of 4"
     assert cli.main(finetune_job(out, store, checkpoint, *sets)) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and re.search(message, err), err
@@ -249,8 +252,9 @@ def history(result, key):
 @pytest.mark.slow
 def test_finetune_run_logs_metrics_and_artifacts_to_mlflow(tmp_path, stores):
     checkpoint = micro_checkpoint(tmp_path / "pretrained")
-    result = finetune.run_finetune(ray_cfg(tmp_path, "run.workers=1", "finetune.mixup=0.5"), str(checkpoint),
-                                   store=stores["labelled"])
+    # Half the train clips of each label (8 of 16): the low-label setting, through the Ray Train read path.
+    cfg = ray_cfg(tmp_path, "run.workers=1", "finetune.mixup=0.5", "finetune.train_fraction=0.5")
+    result = finetune.run_finetune(cfg, str(checkpoint), store=stores["labelled"])
     assert result.step == 6 and result.checkpoint.name == "step_00000006"
     assert history(result, "val/acc") == [3, 6] and history(result, "loss") == [2, 3, 4, 6]
     assert 0 <= result.metrics["test/acc"] <= 1 and result.metrics["val/best_acc"] >= result.metrics["val/acc"]
@@ -258,6 +262,7 @@ def test_finetune_run_logs_metrics_and_artifacts_to_mlflow(tmp_path, stores):
     run = client.get_run(result.mlflow_run_id)
     assert run.info.status == "FINISHED" and run.data.tags["ajepa.job"] == "finetune"
     assert str(checkpoint) in run.data.params["checkpoint"] and run.data.params["finetune.loss_used"] == "ce"
+    assert run.data.params["data.train_clips"] == "8" and run.data.params["finetune.train_fraction"] == "0.5"
     assert {"config.yaml", "model.safetensors", "test"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"test/confusion.png", "test/per_class.txt", "test/per_class.json"} == {
         a.path for a in client.list_artifacts(run.info.run_id, "test")}

@@ -1,6 +1,7 @@
 """The training data order: shuffled once at build time, then a pure function of (seed, epoch), equal per rank,
 resumable at any micro-batch. Pure index functions first (no store), then a real store built by local Ray."""
 
+import collections
 import csv
 import itertools
 import json
@@ -9,6 +10,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
@@ -138,6 +140,23 @@ def test_resuming_at_any_micro_batch_reads_what_the_unbroken_run_read(store):
         unbroken = ids(rank, 0, 20)  # 3 epochs of 6 batches and more
         for start in (1, 5, 6, 9, 17):  # mid-epoch, the last batch of one, the first of the next
             assert ids(rank, start, 20 - start) == unbroken[start:], (rank, start)
+
+
+def test_a_label_subset_keeps_a_fixed_fraction_of_each_label_and_training_reads_only_those(store):
+    def drawn(files):
+        return files.paths, files.rows, [k.tolist() for k in files.keep]
+
+    # 12 train clips a label: a quarter is 3 of each, the same 3 on every call; a fraction too small still keeps one.
+    files = data.train_files(store, 0.25)
+    assert sum(files.rows) == 12 and drawn(files) == drawn(data.train_files(store, 0.25))
+    every = data.train_files(store)
+    table = pa.concat_tables([pq.read_table(p, columns=["id", "label"]) for p in every.paths])
+    label_of = dict(zip(table.column("id").to_pylist(), table.column("label").to_pylist(), strict=True))
+    read = [clip for e in range(2) for r in epoch_ids(files, seed=0, epoch=e, batch=2) for b in r for clip in b]
+    assert len(read) == 24 and len(set(read)) == 12, "each kept clip once an epoch, no other clip"
+    assert collections.Counter(label_of[c] for c in set(read)) == dict.fromkeys(CLASSES, 3)
+    assert sum(data.train_files(store, 0.01).rows) == 4, "one clip of each label"
+    assert every.keep is None and sum(every.rows) == 48
 
 
 def test_training_refuses_a_store_of_another_version(store, tmp_path, capsys):

@@ -267,7 +267,7 @@ def _stalled_upload_loop(config):
     tempfile.tempdir = str(out / "tmp")
 
     def leftovers() -> list[int]:
-        return [len(list(Path(tempfile.tempdir).iterdir())), len(config["run_dir"].glob("step_*/.*.partial"))]
+        return [len(list(Path(tempfile.tempdir).glob("*/*"))), len(config["run_dir"].glob("step_*/.*.partial"))]
 
     first_attempt = not (out / "killed").exists()
     if first_attempt:
@@ -346,7 +346,7 @@ def _slow_upload_loop(config):
         start = time.perf_counter()
         runs.report(trainer, {"step": trainer.step}, True, trainer.step, config["run_dir"], False)
         record["blocked"].append(time.perf_counter() - start)
-        record["on_disk"].append(len(list(Path(config["tmp"]).glob("ajepa-checkpoint-*"))))
+        record["on_disk"].append(len(list(Path(config["tmp"]).glob("*/*"))))  # a folder per state in the run's
     (Path(config["tmp"]).parent / "record.json").write_text(json.dumps(record))
 
 
@@ -360,7 +360,7 @@ def test_checkpoints_wait_for_uploads_slower_than_training_instead_of_piling_up_
     run_dir = storage.resolve(tmp_path / "run")
     (run_dir / pretrain.RUN_FILE).write_text("{}")
     (tmp_path / "tmp").mkdir()
-    upload_s = 3.0
+    upload_s = 4.0
     result = TorchTrainer(
         _slow_upload_loop, train_loop_config={"run_dir": run_dir, "tmp": str(tmp_path / "tmp"), "upload_s": upload_s},
         scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 0.5}),
@@ -368,10 +368,9 @@ def test_checkpoints_wait_for_uploads_slower_than_training_instead_of_piling_up_
     record = json.loads((tmp_path / "record.json").read_text())
     assert record["on_disk"] == [1, 2, 2], "one uploading and one written, never more"
     first, second, third = record["blocked"]
-    assert first < 1 and second < 1, "the first two do not wait: a second state may sit on disk"
-    assert third > upload_s - 1.5, f"the third waited for the first upload to end: {record['blocked']}"
+    assert max(first, second) < upload_s / 2 < third, f"only the third waits for an upload: {record['blocked']}"
     assert result.checkpoint.path == str(run_dir / "step_00000003")
-    assert not list((tmp_path / "tmp").iterdir()), "every local copy deleted once uploaded"
+    assert not list((tmp_path / "tmp").glob("*/*")), "every local copy deleted once uploaded"
 
 
 @pytest.mark.slow

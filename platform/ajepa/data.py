@@ -547,14 +547,22 @@ def load_store(store: str | Path | Location, split: str | None = None, rows: lis
 # ------------------------------------------------------------------------------------------- training
 
 
+# The draw of a label subset (finetune.train_fraction): fixed, so every run and seed with a fraction trains on the
+# same clips, as a low-label benchmark's fixed split does.
+SUBSET_SEED = 0
+
+
 @dataclass(frozen=True)
 class TrainFiles:
-    """The train split's files and their row counts: all that the training data order is computed from. Every
-    rank reads them through `fs`, the filesystem the driver resolved (a bucket's endpoint included)."""
+    """The train split's files and the rows training uses in each: all that the training data order is computed
+    from. Every rank reads them through `fs`, the filesystem the driver resolved (a bucket's endpoint included).
+    A label subset keeps, per file, the indices of the rows it uses (`keep`) and the file's own row count."""
 
     fs: pafs.FileSystem
     paths: tuple[str, ...]
-    rows: tuple[int, ...]
+    rows: tuple[int, ...]  # rows used per file: all of them, or a subset's
+    keep: tuple[np.ndarray, ...] | None = None  # a subset's rows in each file (sorted indices), None: all
+    file_rows: tuple[int, ...] | None = None  # each file's row count when a subset was drawn
 
 
 def check_version(stats: dict[str, Any], store: Location) -> None:
@@ -566,14 +574,32 @@ def check_version(stats: dict[str, Any], store: Location) -> None:
                          f"jobs/prepare_data.py --input {stats.get('source', 'SOURCE')} --out {store} --overwrite")
 
 
-def train_files(store: str | Path | Location) -> TrainFiles:
-    """The train split's files, row counts read from their footers only; the store's version is checked first."""
+def train_files(store: str | Path | Location, fraction: float = 1.0) -> TrainFiles:
+    """The train split's files, row counts read from their footers only; the store's version is checked first.
+
+    With `fraction` < 1, a label subset: of each label's n train clips (a multi-label clip's labels taken
+    together), round(fraction * n) and at least one, drawn with SUBSET_SEED: the same clips for every run."""
     store = storage.resolve(store)
     check_version(read_stats(store), store)
-    paths = [f for folder in _split_dirs(store, "train") for f in _parquet_files(folder)]
+    paths = tuple(f for folder in _split_dirs(store, "train") for f in _parquet_files(folder))
     if not paths:
         raise StoreError(f"{store}: has no rows in split 'train'")
-    return TrainFiles(store.fs, tuple(paths), tuple(pq.read_metadata(p, filesystem=store.fs).num_rows for p in paths))
+    rows = tuple(pq.read_metadata(p, filesystem=store.fs).num_rows for p in paths)
+    if fraction >= 1:
+        return TrainFiles(store.fs, paths, rows)
+    labels = np.array([label for p in paths for label in pq.read_table(p, columns=["label"], filesystem=store.fs)
+                       .column("label").to_pylist()], dtype=object)
+    rng = np.random.default_rng(SUBSET_SEED)
+    chosen = []
+    for label in sorted(set(labels)):
+        of_label = np.flatnonzero(labels == label)
+        chosen.append(rng.permutation(of_label)[:max(1, round(fraction * len(of_label)))])
+    kept = np.sort(np.concatenate(chosen))
+    starts = np.cumsum(rows) - np.asarray(rows)
+    keep = [kept[(kept >= a) & (kept < a + n)] - a for a, n in zip(starts, rows, strict=True)]
+    used = [i for i, k in enumerate(keep) if len(k)]  # a file with no row in the subset is not read
+    return TrainFiles(store.fs, tuple(paths[i] for i in used), tuple(len(keep[i]) for i in used),
+                      tuple(keep[i] for i in used), tuple(rows[i] for i in used))
 
 
 def train_batches(files: TrainFiles, columns: list[str], batch_size: int, seed: int, rank: int, world: int,
@@ -613,10 +639,11 @@ def _take_rows(files: TrainFiles, rows: np.ndarray, columns: list[str]) -> pa.Ta
     for f in needed.tolist():
         with pq.ParquetFile(files.paths[f], filesystem=files.fs) as parquet:
             table = parquet.read(columns=columns)
-        if table.num_rows != files.rows[f]:
-            raise StoreError(f"{files.paths[f]}: has {table.num_rows} rows, {files.rows[f]} when training started "
+        expected = (files.file_rows or files.rows)[f]
+        if table.num_rows != expected:
+            raise StoreError(f"{files.paths[f]}: has {table.num_rows} rows, {expected} when training started "
                              "(the store changed under the run)")
-        tables.append(table)
+        tables.append(table if files.keep is None else table.take(pa.array(files.keep[f])))
     first = np.zeros(len(counts), dtype=np.int64)  # where each file read begins in their concatenation
     first[needed] = np.cumsum(counts[needed]) - counts[needed]
     return pa.concat_tables(tables).take(pa.array(rows - starts[which] + first[which]))

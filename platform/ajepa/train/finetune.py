@@ -404,8 +404,13 @@ def run_finetune(cfg: Config, checkpoint: str | None = None, *, store: str | Pat
     runs.check_store(cfg, stats, store, cfg.run.workers)
     task = task_of(cfg, store)
     encoder_state, source = pretrained_encoder(cfg, checkpoint)
+    train_files = data.train_files(store, cfg.finetune.train_fraction)
+    if (clips := sum(train_files.rows)) < cfg.data.batch_size * max(cfg.run.workers, 1):
+        raise ConfigError(f"finetune.train_fraction: {cfg.finetune.train_fraction} of {store}'s train clips is "
+                          f"{clips}, less than one batch of {cfg.data.batch_size} on each of "
+                          f"{max(cfg.run.workers, 1)} workers")
 
-    params = {"checkpoint": source, "data.store_path": str(store), "data.train_clips": stats["counts"]["train"],
+    params = {"checkpoint": source, "data.store_path": str(store), "data.train_clips": clips,
               "data.mean": stats["mean"], "data.std": stats["std"], "classes": len(task.classes),
               "multi_label": task.multi_label, "finetune.loss_used": task.loss}
     # A path is recorded absolute, so that --resume finds it from any working directory.
@@ -416,7 +421,8 @@ def run_finetune(cfg: Config, checkpoint: str | None = None, *, store: str | Pat
               f"{len(task.classes)} classes ({task.metric}), encoder {source}, data {store}", flush=True)
         loop_config = {"mean": stats["mean"], "std": stats["std"], "fbank_shape": data.fbank_shape(stats["audio"]),
                        "store": store, "task": dataclasses.asdict(task), "encoder_state": encoder_state}
-        result = runs.fit(plan, train_loop_per_worker, loop_config, store, cfg.finetune.steps, _progress_text)
+        result = runs.fit(plan, train_loop_per_worker, loop_config, store, cfg.finetune.steps, _progress_text,
+                          train_files)
         with result.checkpoint.as_directory() as folder:
             state = load_checkpoint(Path(folder) / CHECKPOINT_FILE)
         model = plan.run_dir / MODEL_FILE

@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -37,6 +37,9 @@ import torch
 from ajepa import storage
 from ajepa.config import Config, ConfigError, config_from_dict, save_config
 from ajepa.storage import Location
+
+if TYPE_CHECKING:
+    from ajepa.data import TrainFiles
 
 RUN_FILE = "run.json"
 KEEP_CHECKPOINTS = 2
@@ -118,7 +121,7 @@ def host_batches(config: dict[str, Any], worker: Worker, start: int, columns: tu
 
     In `data.train_batches`' order: a function of (run.seed, epoch), the same number of full batches per epoch
     on every rank (no DDP hang), so a restarted or resumed run continues the unbroken run's batches exactly."""
-    from ajepa.data import TrainFiles, decode_fbank, train_batches
+    from ajepa.data import decode_fbank, train_batches
 
     cfg, shape, pin = worker.cfg, tuple(config["fbank_shape"]), worker.device.type == "cuda"
     files: TrainFiles = config["train_files"]
@@ -190,15 +193,17 @@ def report(trainer: Trainer, metrics: dict[str, float], with_checkpoint: bool, s
                      delete_local_checkpoint_after_upload=False)
 
 
-def _local_copy_prefix(run_dir: Location) -> str:
-    return f"ajepa-checkpoint-{run_dir.name}-"
+def _local_copies(run_dir: Location) -> Path:
+    """Where a run's rank 0 writes its states before their upload: a folder of the run's in the node's temp folder."""
+    return Path(tempfile.gettempdir()) / f"ajepa-checkpoints-{run_dir.name}"
 
 
 def _write_checkpoint(trainer: Trainer, run_dir: Location) -> Any:
     """The trainer's state in a local folder of its own, as a Checkpoint: it lives until `publish_checkpoint`."""
     import ray.train
 
-    folder = Path(tempfile.mkdtemp(prefix=_local_copy_prefix(run_dir)))
+    _local_copies(run_dir).mkdir(exist_ok=True)
+    folder = Path(tempfile.mkdtemp(dir=_local_copies(run_dir)))
     trainer.save(folder / trainer.checkpoint_file)
     return ray.train.Checkpoint.from_directory(folder)
 
@@ -237,8 +242,7 @@ def restore(trainer: Trainer, run_dir: Path | Location, registered: Any) -> None
     during an upload left: the run's local copies of the state in this node's temp folder (a state each, GBs for
     ViT-B) and hidden partial files in the run folder's checkpoint folders."""
     run_dir = storage.resolve(run_dir)
-    for copy in Path(tempfile.gettempdir()).glob(_local_copy_prefix(run_dir) + "*"):
-        shutil.rmtree(copy, ignore_errors=True)
+    shutil.rmtree(_local_copies(run_dir), ignore_errors=True)
     for partial in run_dir.glob("step_*/.*.partial"):
         with contextlib.suppress(FileNotFoundError):  # every rank clears them; another may have been first
             partial.delete()
@@ -402,9 +406,10 @@ def _finished_on_return(tracker: Any) -> Iterator[Any]:
 
 
 def fit(plan: RunPlan, loop: Callable[[dict[str, Any]], None], loop_config: dict[str, Any], store: Location,
-        total: int, describe: Callable[[dict[str, float]], str]) -> Any:
+        total: int, describe: Callable[[dict[str, float]], str], train_files: TrainFiles | None = None) -> Any:
     """Run `loop` on Ray Train and return its Result. The loop gets `loop_config` plus the shared keys: config,
-    train_files (the store's train split, which `train_batches` reads), tracking_uri, mlflow_run_id, progress (a
+    train_files (the `train_files` given, else the store's train split; `train_batches` reads it), tracking_uri,
+    mlflow_run_id, progress (a
     queue for rank 0's metrics, which the driver prints as `<job>: step/total steps, describe(metrics), ETA`),
     run_dir (where `report` publishes checkpoints), fault_marker and fault_at_step. Locations travel with their
     filesystem: every worker reaches the same bucket endpoint."""
@@ -417,7 +422,7 @@ def fit(plan: RunPlan, loop: Callable[[dict[str, Any]], None], loop_config: dict
 
     cfg, run_dir = plan.cfg, plan.run_dir
     # Listed once, here: every rank computes the data order from the same files and row counts.
-    train_files = data.train_files(store)
+    train_files = train_files or data.train_files(store)
     init_ray()  # before any Ray call (the queue's actor): one would start a default Ray of its own
     progress = Queue(actor_options={"num_cpus": 0})  # rank 0's metrics at every log step, for the driver
     loop_config = {**loop_config, "config": cfg.to_dict(), "train_files": train_files,
