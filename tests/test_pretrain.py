@@ -256,7 +256,7 @@ class _StepOnly:
 
 def _stalled_upload_loop(config):
     """Two steps, each with a checkpoint report. On the first attempt step 2's upload stalls before its rename
-    (slow storage), and the worker dies right after that report, killing the upload. The worker writes the step
+    (slow storage), and the worker dies during that stall, killing the upload. The worker writes the step
     it restored, how long each report kept it, and what the killed upload had left (its local copy of the state,
     in a temp folder of the test's, and its partial file in the run folder) before and after `restore`."""
     import ray.train
@@ -290,6 +290,9 @@ def _stalled_upload_loop(config):
         record["blocked"].append(time.perf_counter() - start)
         (out / f"{'first' if first_attempt else 'restart'}.json").write_text(json.dumps(record))
         if first_attempt and trainer.step == 2:
+            deadline = time.monotonic() + 60
+            while leftovers()[1] == 0 and time.monotonic() < deadline:  # the upload is in its stalled rename
+                time.sleep(0.05)
             (out / "killed").write_text("")
             os._exit(1)
 
@@ -370,7 +373,7 @@ def test_checkpoints_wait_for_uploads_slower_than_training_instead_of_piling_up_
     first, second, third = record["blocked"]
     assert max(first, second) < upload_s / 2 < third, f"only the third waits for an upload: {record['blocked']}"
     assert result.checkpoint.path == str(run_dir / "step_00000003")
-    assert not list((tmp_path / "tmp").glob("*/*")), "every local copy deleted once uploaded"
+    assert not list((tmp_path / "tmp").iterdir()), "every local copy deleted once uploaded, and the run's folder"
 
 
 @pytest.mark.slow

@@ -52,6 +52,7 @@ _uploads = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ajepa-checkpoin
 # run.checkpoint_every's steps, training waits for them instead of queueing copies of the state until the disk fills.
 LOCAL_CHECKPOINTS = 2
 _local_checkpoints = threading.BoundedSemaphore(LOCAL_CHECKPOINTS)
+_local_copies_folder = threading.Lock()  # a copy's folder is made in, or the last removed with, its run's folder
 
 
 class CheckpointError(RuntimeError):
@@ -202,8 +203,9 @@ def _write_checkpoint(trainer: Trainer, run_dir: Location) -> Any:
     """The trainer's state in a local folder of its own, as a Checkpoint: it lives until `publish_checkpoint`."""
     import ray.train
 
-    _local_copies(run_dir).mkdir(exist_ok=True)
-    folder = Path(tempfile.mkdtemp(dir=_local_copies(run_dir)))
+    with _local_copies_folder:
+        _local_copies(run_dir).mkdir(exist_ok=True)
+        folder = Path(tempfile.mkdtemp(dir=_local_copies(run_dir)))
     trainer.save(folder / trainer.checkpoint_file)
     return ray.train.Checkpoint.from_directory(folder)
 
@@ -223,7 +225,11 @@ def publish_checkpoint(run_dir: Location, checkpoint: Any, name: str) -> Any:
     folder, where = Path(checkpoint.path), run_dir / name
     for file in sorted(folder.iterdir()):
         (where / file.name).upload_whole(file)
-    shutil.rmtree(folder)
+    with _local_copies_folder:
+        shutil.rmtree(folder)
+        if folder.parent == _local_copies(run_dir):  # the run's folder goes with its last copy: none left behind
+            with contextlib.suppress(OSError):  # not empty: another copy is waiting for its upload
+                folder.parent.rmdir()
     return ray.train.Checkpoint(where.path, filesystem=where.fs)
 
 
