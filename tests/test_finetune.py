@@ -250,11 +250,12 @@ def history(result, key):
 
 
 @pytest.mark.slow
-def test_finetune_run_logs_metrics_and_artifacts_to_mlflow(tmp_path, stores):
+def test_finetune_run_logs_metrics_and_artifacts_to_mlflow(tmp_path, stores, capsys):
     checkpoint = micro_checkpoint(tmp_path / "pretrained")
     # Half the train clips of each label (8 of 16): the low-label setting, through the Ray Train read path.
     cfg = ray_cfg(tmp_path, "run.workers=1", "finetune.mixup=0.5", "finetune.train_fraction=0.5")
     result = finetune.run_finetune(cfg, str(checkpoint), store=stores["labelled"])
+    assert f"data {stores['labelled']} (8 of its 16 train clips)" in capsys.readouterr().out
     assert result.step == 6 and result.checkpoint.name == "step_00000006"
     assert history(result, "val/acc") == [3, 6] and history(result, "loss") == [2, 3, 4, 6]
     assert 0 <= result.metrics["test/acc"] <= 1 and result.metrics["val/best_acc"] >= result.metrics["val/acc"]
