@@ -158,7 +158,7 @@ def stored_bytes(store: Path) -> StoredBytes:
     return StoredBytes(clips, files, real_frames=real / clips, codec="/".join(sorted(codecs)), **sizes)
 
 
-def read_cpu_per_byte(store: Path) -> tuple[float, float]:
+def read_cpu_per_byte(store: Path, stored: StoredBytes) -> tuple[float, float]:
     """CPU seconds per byte read, and samples/s, of a worker's training read of the demo store's train split:
     `host_batches` (Parquet read on its read-ahead thread, fbank bytes decoded into the batch tensor), as the
     training loop calls it, for READ_EPOCHS epochs. CPU time counts every thread of this process."""
@@ -172,7 +172,7 @@ def read_cpu_per_byte(store: Path) -> tuple[float, float]:
     samples = sum(len(next(batches)[1]) for _ in range(n_batches))
     cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
     batches.close()
-    return cpu / (samples * stored_bytes(store).read_per_clip()), samples / wall
+    return cpu / (samples * stored.read_per_clip()), samples / wall
 
 
 def plan_cpu_per_sample(points: int = 16) -> float:
@@ -254,12 +254,13 @@ def main() -> None:
 
         print(f"3. an {GPUS_PER_NODE} x H100 node (README \"GPU speed\": ViT-B, {TARGET_FRAMES} x 128 fbank, batch "
               f"{GPU_BATCH}, compiled)", flush=True)
-        read_cpu, read_rate = read_cpu_per_byte(store)
+        stored = stored_bytes(store)
+        read_cpu, read_rate = read_cpu_per_byte(store, stored)
         plan_cpu = plan_cpu_per_sample()
         print(f"  ingest measured here: the demo train split read {READ_EPOCHS} times by host_batches at "
               f"{read_rate:,.0f} samples/s, {1e9 * read_cpu:.2f} CPU-ns per byte read "
               f"({1 / read_cpu / MB:,.0f} MB/s per core); plan_step {1e3 * plan_cpu:.3f} CPU-ms per sample")
-        node_arithmetic(stored_bytes(store), read_cpu, plan_cpu)
+        node_arithmetic(stored, read_cpu, plan_cpu)
 
     one, two = train_rate[LAYOUTS[0]], train_rate[LAYOUTS[1]]
     print(f"pretraining samples/s: 1 worker x 2 threads {one:.1f}, 2 workers x 1 thread {two:.1f}")
