@@ -1,35 +1,51 @@
 #!/usr/bin/env bash
-# The GPU check of the pretraining step, in one ~6-minute run on one GPU. Needs torch, timm, numpy and pyyaml
+# The GPU check of the pretraining step, in one ~7-minute run on one GPU. Needs torch, timm, numpy and pyyaml
 # only (no Ray, no MLflow). Prints, for ViT-B on 10 s clips (configs/base.yaml):
 #   1. the shipped config: RB and TF masks at the largest batch that fits, ours vs the plain loop, the phase
 #      split, host-device syncs inside a step, a short kernel profile, MFU, peak memory, the curriculum mix
 #      and the projected GPU-hours of the AudioSet-2M recipe;
-#   2. the same with torch.compile of the blocks toggled (run.compile), the evidence for the default;
-#   3. batch 256 with activation checkpointing (memory: the paper's global batch 512 on 2 GPUs, 2048 on 8).
+#   2. the candidates toward 45% MFU, one setting each on top of the shipped config (batch 128, one round):
+#      a. model.pred_heads=8: the predictor's 16 heads are 32 wide, and flash attention runs those shapes at
+#         45-71 TFLOP/s (docs/perf/h100-attention.log), ~30% of the step;
+#      b. model.autocast_residual=true: a bf16 residual stream, half the bytes for the norms and residual adds;
+#      c. run.compile_mode=max-autotune-no-cudagraphs: Triton GEMM templates that can take the GELU / bias glue
+#         into the matmul (autotuning makes the compile slow, hence its longer limit);
+#   and a summary of every part's samples/s and MFU, to compare the candidates with part 1.
+# The compile on/off and batch-256 checks of earlier runs are settled: docs/perf/h100-gpu-check.log.
 # Each part has its own time limit, so one that hangs or fails does not take the others with it.
 #     bash benchmarks/gpu_check.sh            (PYTHON=... to choose the interpreter)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore::FutureWarning
+logs=$(mktemp -d)
+trap 'rm -rf "$logs"' EXIT
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 $PY -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__)"
-compile_default=$($PY -c "import sys; sys.path.insert(0, 'platform'); from ajepa.config import load_config; \
-print(str(load_config('configs/base.yaml').run.compile).lower())")
-compile_other=$([ "$compile_default" = true ] && echo false || echo true)
 
+parts=()
 part() {  # part SECONDS TITLE ARGS...: one benchmark run under its own time limit
     local limit=$1 title=$2
     shift 2
     echo
     echo "######## $title"
     local start=$SECONDS
-    timeout "$limit" "$PY" benchmarks/train_throughput.py --config configs/base.yaml "$@"
-    echo "######## ($title: exit $?, $((SECONDS - start)) s)"
+    timeout "$limit" "$PY" benchmarks/train_throughput.py --config configs/base.yaml "$@" | tee "$logs/${#parts[@]}"
+    echo "######## ($title: exit ${PIPESTATUS[0]}, $((SECONDS - start)) s)"
+    parts+=("$title")
 }
 
-part 200 "1. shipped config (run.compile=$compile_default)" --batch auto --family rb tf --rounds 3 --profile-steps 2
-part 120 "2. run.compile=$compile_other" --batch 128 --family rb tf --rounds 2 --set "run.compile=$compile_other"
-part 90 "3. batch 256, TF masks, activation checkpointing" --batch 256 --family tf --rounds 1 --steps 5 \
-    --set model.grad_checkpointing=true
+part 200 "1. shipped config" --batch auto --family rb tf --rounds 3 --profile-steps 2
+candidate=(--batch 128 --family rb tf --rounds 1)
+part 75 "2a. model.pred_heads=8" "${candidate[@]}" --set model.pred_heads=8
+part 75 "2b. model.autocast_residual=true" "${candidate[@]}" --set model.autocast_residual=true
+part 150 "2c. run.compile_mode=max-autotune-no-cudagraphs" "${candidate[@]}" \
+    --set run.compile_mode=max-autotune-no-cudagraphs
+
+echo
+echo "######## summary: ours per mask family and the curriculum mix"
+for i in "${!parts[@]}"; do
+    echo "${parts[$i]}"
+    grep -E "^=== |^ours +:|^ours [0-9]|^MFU ours|^projected" "$logs/$i" | sed 's/^/    /'
+done

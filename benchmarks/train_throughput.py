@@ -93,7 +93,7 @@ class Baseline:
         torch.manual_seed(cfg.run.seed)  # the same initial weights as Pretrainer
         self.model = AJEPA(cfg.model, cfg.audio.num_mel_bins, max_frames=cfg.data.crop_frames).to(device)
         if cfg.run.compile:
-            self.model.compile_blocks()
+            self.model.compile_blocks(cfg.run.compile_mode)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=cfg.optim.betas,
                                            weight_decay=cfg.optim.weight_decay[0], fused=device.type == "cuda")

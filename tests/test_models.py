@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from ajepa.config import ModelConfig
+from ajepa.config import COMPILE_MODES, ModelConfig
 from ajepa.models.ajepa import AJEPA, flops_per_sample, jepa_loss
 from ajepa.models.vit import Predictor, VisionTransformer, apply_masks, sincos_pos_embed_2d
 from torch import nn
@@ -298,7 +298,8 @@ def test_grad_checkpointing_gives_the_same_gradients_and_keeps_fewer_activations
 
 
 @pytest.mark.slow
-def test_compiled_blocks_train_like_eager_ones() -> None:
+@pytest.mark.parametrize("mode", COMPILE_MODES)
+def test_compiled_blocks_train_like_eager_ones(mode: str) -> None:
     from torch._dynamo.utils import counters
 
     x = torch.randn(2, 128, 128)
@@ -309,7 +310,7 @@ def test_compiled_blocks_train_like_eager_ones() -> None:
         torch.manual_seed(0)
         model = AJEPA(TINY)
         if compiled:
-            model.compile_blocks()
+            model.compile_blocks(mode)
         opt = torch.optim.AdamW(model.param_groups(0.0), lr=1e-3)
         losses[compiled] = []
         for step in range(3):
@@ -321,3 +322,31 @@ def test_compiled_blocks_train_like_eager_ones() -> None:
             losses[compiled].append(loss.item())
     assert counters["stats"]["unique_graphs"] >= graphs + 2  # encoder and predictor blocks really were compiled
     assert losses[True] == pytest.approx(losses[False], rel=1e-4)
+
+
+def test_autocast_residual_keeps_the_stream_between_blocks_in_bf16_and_changes_nothing_without_autocast() -> None:
+    x = torch.randn(4, 128, 128)
+    ctx, tgt = make_masks(4, 64, 32, 2, 8)
+    losses, grads, stream = {}, {}, {}
+    for autocast_residual in (False, True):
+        for autocast in (False, True):
+            torch.manual_seed(0)
+            model = AJEPA(dataclasses.replace(TINY, autocast_residual=autocast_residual))
+            dtypes: set[torch.dtype] = set()
+            for module in (model.context_encoder, model.target_encoder, model.predictor):
+                for block in module.blocks:
+                    block.register_forward_pre_hook(lambda _, args, seen=dtypes: seen.add(args[0].dtype))
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                loss, _ = model(x, ctx, tgt)
+            loss.backward()
+            key = (autocast_residual, autocast)
+            losses[key], stream[key] = loss.item(), dtypes
+            grads[key] = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+    assert stream == {(False, False): {torch.float32}, (True, False): {torch.float32},
+                      (False, True): {torch.float32}, (True, True): {torch.bfloat16}}
+    # float32 runs are untouched; under autocast the bf16 stream rounds, it does not change the model
+    assert losses[True, False] == losses[False, False]
+    torch.testing.assert_close(grads[True, False], grads[False, False], rtol=0, atol=0)
+    assert losses[True, True] == pytest.approx(losses[False, True], rel=2e-2)
+    cosine = F.cosine_similarity(grads[True, True], grads[False, True], dim=0)
+    assert cosine > 0.99

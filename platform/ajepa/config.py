@@ -70,6 +70,7 @@ class DataConfig:
         _check(0 <= self.gain_db <= 40, f"{prefix}.gain_db", f"must be in [0, 40], got {self.gain_db}")
 
 
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 ATTENTION_CHOICES = ("flash", "efficient", "cudnn", "math", "auto")
 
 
@@ -89,6 +90,9 @@ class ModelConfig:
     loss: str = "mse"  # "mse" (paper) or "smooth_l1" (I-JEPA code)
     attention: str = "flash"  # SDPA kernels: flash | efficient | cudnn | math | auto (see models/vit.py)
     grad_checkpointing: bool = False  # recompute block activations in backward: less memory, ~1/3 more compute
+    # Under autocast (bf16 on GPUs) keep the residual stream between blocks in bf16 rather than float32: the norms
+    # and residual adds around the matmuls move half the bytes. No effect without autocast (CPU runs float32).
+    autocast_residual: bool = False
 
     def validate(self, prefix: str = "model") -> None:
         for name in ("patch_size", "embed_dim", "depth", "num_heads", "pred_dim", "pred_depth", "pred_heads"):
@@ -200,6 +204,9 @@ class RunConfig:
     cpus_per_worker: float = 1.0
     torch_threads: int = 0  # intra-op threads per CPU worker; 0: cpus_per_worker (rounded)
     compile: bool = False  # torch.compile each transformer block (dynamic shapes: lengths change every step)
+    # inductor's mode for those blocks: max-autotune-no-cudagraphs benchmarks Triton GEMM templates, which can
+    # take the GELU / bias / residual glue into the matmul (CUDA graphs are left out: lengths change every step)
+    compile_mode: str = "default"
     checkpoint_every: int = 100
     log_every: int = 10
     max_failures: int = 0
@@ -210,6 +217,10 @@ class RunConfig:
         _check(self.gpus_per_worker >= 0, f"{prefix}.gpus_per_worker", "must be >= 0")
         _check(self.cpus_per_worker > 0, f"{prefix}.cpus_per_worker", "must be > 0")
         _check(self.torch_threads >= 0, f"{prefix}.torch_threads", "must be >= 0")
+        _check(self.compile_mode in COMPILE_MODES, f"{prefix}.compile_mode",
+               f"must be one of {', '.join(COMPILE_MODES)}, got {self.compile_mode!r}")
+        _check(self.compile or self.compile_mode == "default", f"{prefix}.compile_mode",
+               f"{self.compile_mode} needs run.compile: true")
         _check(self.checkpoint_every >= 1, f"{prefix}.checkpoint_every", "must be >= 1")
         _check(self.log_every >= 1, f"{prefix}.log_every", "must be >= 1")
         _check(self.max_failures >= -1, f"{prefix}.max_failures", "must be >= -1 (-1: unlimited)")

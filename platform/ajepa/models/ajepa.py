@@ -72,14 +72,14 @@ class AJEPA(nn.Module):
             }
         return loss, aux
 
-    def compile_blocks(self) -> None:
-        """torch.compile every transformer block, so norms, casts, GELU and residual adds fuse around the
-        matmuls. Context and target lengths change every step, so shapes are compiled as dynamic once instead
-        of recompiled per length. Blocks rather than the whole model: DDP still overlaps its all-reduce with
-        the backward pass, and inductor (torch 2.14) fails on the whole forward with dynamic shapes."""
+    def compile_blocks(self, mode: str = "default") -> None:
+        """torch.compile every transformer block in inductor's `mode` (run.compile_mode), so norms, casts, GELU and
+        residual adds fuse around the matmuls. Context and target lengths change every step, so shapes are compiled
+        as dynamic once instead of recompiled per length. Blocks rather than the whole model: DDP still overlaps its
+        all-reduce with the backward pass, and inductor (torch 2.14) fails on the whole forward with dynamic shapes."""
         for module in (self.context_encoder, self.target_encoder, self.predictor):
             for block in module.blocks:
-                block.compile(dynamic=True)
+                block.compile(dynamic=True, mode=mode)
 
     @torch.no_grad()
     def update_target(self, momentum: float) -> None:

@@ -122,6 +122,14 @@ def _rescale_residuals(blocks: nn.ModuleList) -> None:
         block.mlp.fc2.weight.data.mul_(scale)
 
 
+def to_residual_dtype(x: Tensor, autocast_residual: bool) -> Tensor:
+    """The residual stream's dtype: float32 from the position sums, or autocast's dtype with model.autocast_residual."""
+    device = x.device.type
+    if autocast_residual and torch.is_autocast_enabled(device):
+        return x.to(torch.get_autocast_dtype(device))
+    return x
+
+
 def _key_attn_mask(key_mask: Tensor) -> Tensor:
     """(B, N) True = hidden key -> SDPA boolean mask (B, 1, 1, N), where True means "may attend"."""
     return ~key_mask[:, None, None, :]
@@ -136,6 +144,7 @@ class VisionTransformer(nn.Module):
         self.embed_dim = cfg.embed_dim
         self.depth = cfg.depth
         self.attention, self.grad_checkpointing = cfg.attention, cfg.grad_checkpointing
+        self.autocast_residual = cfg.autocast_residual
         self.grid_f = num_mel_bins // p
         self.max_grid_t = max_frames // p
         self.patch_embed = PatchEmbed(cfg.embed_dim, p)
@@ -158,7 +167,7 @@ class VisionTransformer(nn.Module):
         n = x.size(1)
         if n > self.pos_embed.size(0):
             raise ValueError(f"{n} patches exceed the position table ({self.max_grid_t} time patches)")
-        x = x + self.pos_embed[:n]
+        x = to_residual_dtype(x + self.pos_embed[:n], self.autocast_residual)
         if keep is not None:
             x = apply_masks(x, keep)
         masks: list[Tensor | None] = [None] * self.depth
@@ -177,6 +186,7 @@ class Predictor(nn.Module):
         super().__init__()
         p = cfg.patch_size
         self.attention, self.grad_checkpointing = cfg.attention, cfg.grad_checkpointing
+        self.autocast_residual = cfg.autocast_residual
         self.embed = nn.Linear(cfg.embed_dim, cfg.pred_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.pred_dim))
         self.register_buffer(
@@ -194,9 +204,9 @@ class Predictor(nn.Module):
         ctx_pad (B, Nc): True where the context is padding, hidden as a key from every query."""
         b, k, nt = tgt_idx.shape
         nc = ctx.size(1)
-        context = self.embed(ctx) + self.pos_embed[ctx_idx]
+        context = to_residual_dtype(self.embed(ctx) + self.pos_embed[ctx_idx], self.autocast_residual)
         tgt = tgt_idx.transpose(0, 1).reshape(k * b, nt)
-        queries = self.mask_token + self.pos_embed[tgt]
+        queries = self.mask_token + self.pos_embed[tgt]  # cast as it is written into x
         # All K target blocks in one pass: block j of the batch lives in rows j*B .. (j+1)*B - 1. Writing the
         # context into every block's rows by broadcasting saves the copies of repeat() followed by cat().
         x = context.new_empty(k * b, nc + nt, context.size(-1))

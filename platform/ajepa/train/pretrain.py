@@ -56,7 +56,7 @@ class Pretrainer:
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
         self.model = AJEPA(cfg.model, cfg.audio.num_mel_bins, max_frames=cfg.data.crop_frames).to(device)
         if cfg.run.compile:
-            self.model.compile_blocks()
+            self.model.compile_blocks(cfg.run.compile_mode)
         self.net: torch.nn.Module = self.model
         if world_size > 1:
             ids = [device.index] if device.type == "cuda" else None
