@@ -3,8 +3,11 @@
 # only (no Ray, no MLflow). Prints, for ViT-B on 10 s clips (configs/base.yaml):
 #   1. the shipped config: RB and TF masks at the largest batch that fits, ours vs the plain loop, the phase
 #      split, host-device syncs inside a step, a short kernel profile, MFU, peak memory, the curriculum mix
-#      and the projected GPU-hours of the AudioSet-2M recipe;
-#   2. the candidates toward 45% MFU, one setting each on top of the shipped config (batch 128, one round):
+#      and the projected GPU-hours of the AudioSet-2M recipe; the profile sums kernel time by kind (linear,
+#      attention, inductor's fused glue, copies, other) and rates the linear and attention kernels in model
+#      TFLOP/s, which says what each kind of fix can gain;
+#   2. the candidates toward 45% MFU, one setting each on top of the shipped config (batch 128, one round, a
+#      one-step profile):
 #      a. model.pred_heads=8: the predictor's 16 heads are 32 wide, and flash attention runs those shapes at
 #         45-71 TFLOP/s (docs/perf/h100-attention.log), ~30% of the step;
 #      b. model.autocast_residual=true: a bf16 residual stream, half the bytes for the norms and residual adds;
@@ -37,7 +40,7 @@ part() {  # part SECONDS TITLE ARGS...: one benchmark run under its own time lim
 }
 
 part 200 "1. shipped config" --batch auto --family rb tf --rounds 3 --profile-steps 2
-candidate=(--batch 128 --family rb tf --rounds 1)
+candidate=(--batch 128 --family rb tf --rounds 1 --profile-steps 1 --profile-rows 6)
 part 75 "2a. model.pred_heads=8" "${candidate[@]}" --set model.pred_heads=8
 part 75 "2b. model.autocast_residual=true" "${candidate[@]}" --set model.autocast_residual=true
 part 150 "2c. run.compile_mode=max-autotune-no-cudagraphs" "${candidate[@]}" \
@@ -47,5 +50,5 @@ echo
 echo "######## summary: ours per mask family and the curriculum mix"
 for i in "${!parts[@]}"; do
     echo "${parts[$i]}"
-    grep -E "^=== |^ours +:|^ours [0-9]|^MFU ours|^projected" "$logs/$i" | sed 's/^/    /'
+    grep -E "^=== |^ours +:|^ours [0-9]|^MFU|^  MFU|^    (linear|attention|fused) |^projected" "$logs/$i" | sed 's/^/    /'
 done

@@ -46,7 +46,7 @@ sys.path.insert(0, str(REPO / "platform"))
 
 from ajepa.config import Config, load_config  # noqa: E402
 from ajepa.masking import MaskBatch, sample_masks, tf_probability  # noqa: E402
-from ajepa.models.ajepa import AJEPA, flops_per_sample  # noqa: E402
+from ajepa.models.ajepa import AJEPA, flops_split  # noqa: E402
 from ajepa.train.inputs import HostBatch, Prefetcher  # noqa: E402
 from ajepa.train.pretrain import Pretrainer, patch_grid  # noqa: E402
 
@@ -141,12 +141,18 @@ def presample(cfg: Config, batch: int, steps: range, family: str) -> list[list[M
                           rank=micro, family=family) for micro in range(cfg.optim.grad_accum)] for s in steps]
 
 
-def step_flops(cfg: Config, step_masks: list[MaskBatch]) -> float:
-    """Model FLOPs per sample of one optimizer step, from the actual context / target sizes."""
+def step_flops_split(cfg: Config, step_masks: list[MaskBatch]) -> dict[str, float]:
+    """Model FLOPs per sample of one optimizer step by kind (linear, attention), from the actual context / target
+    sizes."""
     grid_t, grid_f = patch_grid(cfg)
-    per_micro = [flops_per_sample(cfg.model, grid_t, grid_f, m.context.shape[1], m.targets.shape[2],
-                                  m.targets.shape[1]) for m in step_masks]
-    return sum(per_micro) / len(per_micro)
+    per_micro = [flops_split(cfg.model, grid_t, grid_f, m.context.shape[1], m.targets.shape[2], m.targets.shape[1])
+                 for m in step_masks]
+    return {kind: sum(f[kind] for f in per_micro) / len(per_micro) for kind in per_micro[0]}
+
+
+def step_flops(cfg: Config, step_masks: list[MaskBatch]) -> float:
+    """Model FLOPs per sample of one optimizer step, all kinds."""
+    return sum(step_flops_split(cfg, step_masks).values())
 
 
 def peak_flops(device: torch.device, override_tflops: float | None) -> tuple[float | None, str]:
@@ -259,12 +265,30 @@ def count_syncs(bench: Bench, n: int) -> int:
     return len(syncs)
 
 
-def profile_summary(bench: Bench, n: int, rows: int) -> None:
+# Kernel kinds by name, first match wins (names as torch.profiler shows them on an H100: cuBLAS's nvjet GEMMs, flash
+# and cuDNN attention, inductor's Triton kernels: `triton_tem` a GEMM template with its fused epilogue).
+KERNEL_KINDS = (
+    ("attention", ("flash", "fmha", "attention", "sdpa")),
+    ("linear", ("gemm", "nvjet", "cutlass", "xmma", "triton_tem", "conv")),
+    ("fused glue (inductor)", ("triton_",)),
+    ("copies", ("memcpy", "memset", "copy")),
+)
+
+
+def kernel_kind(name: str) -> str:
+    name = name.lower()
+    return next((kind for kind, parts in KERNEL_KINDS if any(p in name for p in parts)),
+                "other (eager elementwise, reductions, optimizer)")
+
+
+def profile_summary(bench: Bench, n: int, rows: int, peak: float | None) -> None:
     """Where n of our steps spend device time: the top kernels (device-side events only, so an operator and
-    its kernels are not counted twice) and the share of the wall clock the device was busy."""
+    its kernels are not counted twice), the share of the wall clock the device was busy, and the time per kernel
+    kind with the model TFLOP/s of the linear and attention kernels (their model FLOPs over their time)."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
+    first = bench.ours.step
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         start = time.perf_counter()
         for _ in range(n):
@@ -278,6 +302,22 @@ def profile_summary(bench: Bench, n: int, rows: int) -> None:
     for e in sorted(kernels, key=lambda e: e.self_device_time_total, reverse=True)[:rows]:
         ms = e.self_device_time_total / 1e3 / n
         print(f"    {ms:8.2f} ms  {100 * ms / busy_ms:5.1f}%  {e.count // n:5d}x  {e.key[:90]}")
+    kind_ms: dict[str, float] = {}
+    for e in kernels:
+        kind = kernel_kind(e.key)
+        kind_ms[kind] = kind_ms.get(kind, 0.0) + e.self_device_time_total / 1e3 / n
+    samples = bench.batch * bench.cfg.optim.grad_accum
+    flops = {kind: samples * statistics.mean(step_flops_split(bench.cfg, bench.masks[s])[kind]
+                                             for s in range(first, first + n)) for kind in ("linear", "attention")}
+    print("  by kind (model TFLOP/s: the kind's model FLOPs over its kernels' time):")
+    for kind, ms in sorted(kind_ms.items(), key=lambda item: -item[1]):
+        rate = f"{flops[kind] / ms / 1e9:7.1f} TFLOP/s" if kind in flops else ""
+        print(f"    {kind:<48s} {ms:8.2f} ms  {100 * ms / busy_ms:5.1f}%  {rate}")
+    if peak:
+        math_ms = kind_ms.get("linear", 0.0) + kind_ms.get("attention", 0.0)
+        print(f"  MFU of the kernels alone {100 * sum(flops.values()) / (busy_ms / 1e3) / peak:.1f}%; with the "
+              f"linear and attention kernels only (no glue, copies or other) "
+              f"{100 * sum(flops.values()) / (math_ms / 1e3) / peak:.1f}%")
 
 
 def measure(args: argparse.Namespace, family: str, device: torch.device) -> dict[str, float]:
@@ -385,10 +425,10 @@ def measure(args: argparse.Namespace, family: str, device: torch.device) -> dict
     if cuda:
         syncs = count_syncs(bench, 2)
         print(f"host-device syncs inside 2 of our steps (torch sync debug mode): {syncs}")
-        if args.profile_steps:
-            profile_summary(bench, args.profile_steps, args.profile_rows)
-        flops = statistics.mean(step_flops(cfg, bench.masks[s]) for s in timed_steps)
         peak, source = peak_flops(device, args.peak_tflops)
+        if args.profile_steps:
+            profile_summary(bench, args.profile_steps, args.profile_rows, peak)
+        flops = statistics.mean(step_flops(cfg, bench.masks[s]) for s in timed_steps)
         print(f"model FLOPs per sample {flops / 1e9:.1f} GFLOP (mean over the masks used), "
               f"peak {peak / 1e12:.0f} TFLOPS ({source})" if peak else f"peak unknown: {source}")
         if peak:

@@ -120,16 +120,17 @@ class AJEPA(nn.Module):
         ]
 
 
-def _block_flops(n: int, dim: int, mlp_ratio: float) -> float:
-    """Forward matmul FLOPs of one transformer block on n tokens of width dim."""
+def _block_flops(n: int, dim: int, mlp_ratio: float) -> tuple[float, float]:
+    """Forward matmul FLOPs of one transformer block on n tokens of width dim: (linear layers, attention)."""
     hidden = mlp_ratio * dim
     linear = 2 * n * dim * (3 * dim + dim + 2 * hidden)  # qkv, attention out-projection, fc1 + fc2
     attention = 2 * 2 * n * n * dim  # Q·Kᵀ and A·V over all heads
-    return linear + attention
+    return linear, attention
 
 
-def flops_per_sample(cfg: ModelConfig, grid_t: int, grid_f: int, n_ctx: int, n_tgt: int, k: int) -> float:
-    """Training FLOPs of one clip per step (forward + backward), for model FLOPs utilisation.
+def flops_split(cfg: ModelConfig, grid_t: int, grid_f: int, n_ctx: int, n_tgt: int, k: int) -> dict[str, float]:
+    """Training FLOPs of one clip per step (forward + backward), for model FLOPs utilisation: `linear` (patch
+    embedding and every linear layer) and `attention` (Q·Kᵀ and A·V), so a profile can rate each kind's kernels.
 
     Only matmuls count, 2·m·n·k each; norms, softmax, GELU and the loss are ignored. With N = grid_t·grid_f,
     D = embed_dim, P = pred_dim, p = patch_size, L = depth, Lp = pred_depth, r = mlp_ratio and
@@ -145,12 +146,18 @@ def flops_per_sample(cfg: ModelConfig, grid_t: int, grid_f: int, n_ctx: int, n_t
     n_tgt is the patch count of one target block, k the number of blocks.
     """
     n = grid_t * grid_f
-    patch = 2 * n * cfg.patch_size**2 * cfg.embed_dim
-    context = patch + cfg.depth * _block_flops(n_ctx, cfg.embed_dim, cfg.mlp_ratio)
-    target = patch + cfg.depth * _block_flops(n, cfg.embed_dim, cfg.mlp_ratio)
-    predictor = (
-        2 * n_ctx * cfg.embed_dim * cfg.pred_dim
-        + k * cfg.pred_depth * _block_flops(n_ctx + n_tgt, cfg.pred_dim, cfg.mlp_ratio)
-        + 2 * k * n_tgt * cfg.pred_dim * cfg.embed_dim
-    )
-    return float(3 * (context + predictor) + target)
+    d, p = cfg.embed_dim, cfg.pred_dim
+    patch = 2 * n * cfg.patch_size**2 * d
+    ctx_linear, ctx_attention = _block_flops(n_ctx, d, cfg.mlp_ratio)
+    tgt_linear, tgt_attention = _block_flops(n, d, cfg.mlp_ratio)
+    pred_linear, pred_attention = _block_flops(n_ctx + n_tgt, p, cfg.mlp_ratio)
+    trained_linear = (patch + cfg.depth * ctx_linear
+                      + 2 * n_ctx * d * p + k * cfg.pred_depth * pred_linear + 2 * k * n_tgt * p * d)
+    trained_attention = cfg.depth * ctx_attention + k * cfg.pred_depth * pred_attention
+    return {"linear": float(3 * trained_linear + patch + cfg.depth * tgt_linear),
+            "attention": float(3 * trained_attention + cfg.depth * tgt_attention)}
+
+
+def flops_per_sample(cfg: ModelConfig, grid_t: int, grid_f: int, n_ctx: int, n_tgt: int, k: int) -> float:
+    """Training FLOPs of one clip per step, all kinds (`flops_split`)."""
+    return sum(flops_split(cfg, grid_t, grid_f, n_ctx, n_tgt, k).values())
