@@ -46,7 +46,7 @@ sys.path.insert(0, str(REPO / "platform"))
 
 from ajepa.config import Config, load_config  # noqa: E402
 from ajepa.masking import MaskBatch, sample_masks, tf_probability  # noqa: E402
-from ajepa.models.ajepa import AJEPA, flops_split  # noqa: E402
+from ajepa.models.ajepa import AJEPA, flops_split, peak_bf16_flops  # noqa: E402
 from ajepa.train.inputs import HostBatch, Prefetcher  # noqa: E402
 from ajepa.train.pretrain import Pretrainer, patch_grid  # noqa: E402
 
@@ -55,8 +55,6 @@ POOL = 2  # distinct host batches, cycled
 RECIPE_SAMPLES = 24 * 2_000_000  # the paper's AudioSet-2M pretraining: 24 epochs of 2.0M clips
 OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 PHASES = ("data", "forward", "backward", "grad_norm", "optimizer", "ema", "other")
-# Peak dense bf16 tensor FLOPS by device-name substring; the first match wins.
-PEAKS = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12))
 
 
 # ------------------------------------------------------------------------------------------------ timing
@@ -159,10 +157,8 @@ def peak_flops(device: torch.device, override_tflops: float | None) -> tuple[flo
     if override_tflops:
         return override_tflops * 1e12, "--peak-tflops"
     name = torch.cuda.get_device_name(device)
-    for key, peak in PEAKS:
-        if key in name:
-            return peak, f"dense bf16 of {key}"
-    return None, f"unknown device {name!r}; pass --peak-tflops"
+    peak = peak_bf16_flops(name)
+    return (peak, f"dense bf16 of {name}") if peak else (None, f"unknown device {name!r}; pass --peak-tflops")
 
 
 class Bench:

@@ -18,6 +18,7 @@ import torch
 from ajepa import data, order, storage
 from ajepa.config import ConfigError, load_config
 from ajepa.hear import load_model
+from ajepa.models.ajepa import flops_per_sample, peak_bf16_flops
 from ajepa.models.vit import VisionTransformer
 from ajepa.train import pretrain, runs
 from ajepa.train.pretrain import CheckpointError, Pretrainer, export_encoder, load_checkpoint
@@ -215,6 +216,23 @@ def metric_steps(result, key="loss"):
 
 
 @pytest.mark.slow
+def test_a_step_counts_the_model_flops_its_masks_make_and_a_known_gpu_has_a_peak_to_rate_them():
+    counted = {}
+    for pad in ("false", "true"):
+        cfg = micro_cfg("optim.grad_accum=2", "mask.schedule=rb", f"mask.pad_context={pad}")
+        trainer = Pretrainer(cfg, -8.0, 4.0, torch.device("cpu"))
+        planned = trainer.plan(0, [fake_batch(0), fake_batch(1)])
+        counted[pad] = trainer.train_step(planned)["model_flops"]
+        assert trainer.grid == (8, 8)
+        assert counted[pad] == sum(8 * flops_per_sample(cfg.model, 8, 8, m.context.shape[1], m.targets.shape[2],
+                                                        m.targets.shape[1]) for m in planned)
+        assert trainer.peak_flops is None  # no MFU on a CPU: it runs float32, with no bf16 peak to rate it by
+    # The same masks, contexts padded to each micro-batch's longest instead of cut to its shortest: more work.
+    assert counted["true"] > counted["false"]
+    assert peak_bf16_flops("NVIDIA H100 80GB HBM3") == 989e12 and peak_bf16_flops("NVIDIA H100 PCIe") == 756e12
+    assert peak_bf16_flops("NVIDIA GeForce RTX 3090") is None
+
+
 def test_killed_worker_is_restarted_and_the_run_completes(tmp_path, small_store, monkeypatch):
     monkeypatch.setenv(pretrain.FAULT_ENV, "5")
     cfg = ray_cfg(tmp_path, "run.max_failures=1", "eval.every=4", "eval.max_clips=32")
@@ -230,6 +248,10 @@ def test_killed_worker_is_restarted_and_the_run_completes(tmp_path, small_store,
     run = mlflow.MlflowClient(result.tracking_uri).get_run(result.mlflow_run_id)
     assert run.info.status == "FINISHED"
     assert run.data.params["model.embed_dim"] == "64" and run.data.params["optim.steps"] == "8"
+    # Model TFLOP/s per worker at every log step; MFU only where a bf16 peak rates it (GPUs), not here.
+    tflops = metric_steps(result, "model_tflops")
+    assert [s for s, _ in tflops] == [2, 4, 6, 8] and all(v > 0 for _, v in tflops)
+    assert "mfu" not in run.data.metrics
     artifacts = {a.path for a in mlflow.MlflowClient(result.tracking_uri).list_artifacts(result.mlflow_run_id)}
     assert {"config.yaml", "masks.png", "encoder.safetensors", "data"} <= artifacts
     assert load_file(str(result.encoder))

@@ -161,3 +161,13 @@ def flops_split(cfg: ModelConfig, grid_t: int, grid_f: int, n_ctx: int, n_tgt: i
 def flops_per_sample(cfg: ModelConfig, grid_t: int, grid_f: int, n_ctx: int, n_tgt: int, k: int) -> float:
     """Training FLOPs of one clip per step, all kinds (`flops_split`)."""
     return sum(flops_split(cfg, grid_t, grid_f, n_ctx, n_tgt, k).values())
+
+
+# Dense bf16 tensor-core peaks (no sparsity), by a fragment of torch.cuda.get_device_name; first match wins.
+PEAK_BF16_FLOPS = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12),
+                   ("A100", 312e12))
+
+
+def peak_bf16_flops(device_name: str) -> float | None:
+    """The device's dense bf16 peak for model FLOPs utilisation; None for a device not in the table."""
+    return next((peak for key, peak in PEAK_BF16_FLOPS if key in device_name), None)

@@ -25,7 +25,7 @@ from ajepa.audio import apply_augmentation, normalize
 from ajepa.config import Config, ConfigError
 from ajepa.eval import EvalError, ProbeSet, load_probe_sets, probe
 from ajepa.masking import tf_probability, validate_masks
-from ajepa.models.ajepa import AJEPA
+from ajepa.models.ajepa import AJEPA, flops_per_sample, peak_bf16_flops
 from ajepa.storage import Location
 from ajepa.train import runs, schedules
 from ajepa.train.inputs import HostBatch, MicroBatch, Prefetcher, plan_step
@@ -65,6 +65,8 @@ class Pretrainer:
         self.optimizer = torch.optim.AdamW(self.model.param_groups(cfg.optim.weight_decay[0]), lr=cfg.optim.lr,
                                            betas=cfg.optim.betas, fused=device.type == "cuda")
         self.amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+        # The bf16 peak that model FLOPs utilisation is measured against (steps run in bf16 on GPUs only).
+        self.peak_flops = peak_bf16_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
         self.step = 0
         # (loss, target_std, pred_std) since the last `metrics()`, kept on device: no host sync per step
         self._pending: list[Tensor] = []
@@ -141,9 +143,16 @@ class Pretrainer:
             "target_fraction": sum(m.target_fraction for m in micro_batches) / n,
             "tf_batch": float(micro_batches[0].family == "tf"),
             "data_time": data_time,
+            "model_flops": sum(self.step_flops(m) for m in micro_batches),
         }
         lap("other")
         return info
+
+    def step_flops(self, micro: MicroBatch) -> float:
+        """Model FLOPs (flops_per_sample) of one micro-batch on this rank, from its mask shapes: no device sync.
+        With mask.pad_context the padded context is counted: the model computes it."""
+        b, k, n_tgt = micro.targets.shape
+        return b * flops_per_sample(self.cfg.model, *self.grid, micro.context.shape[1], n_tgt, k)
 
     def metrics(self) -> dict[str, float]:
         """Scalars for logging; the one host sync of the logging interval happens here."""
@@ -201,12 +210,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     steps = trainer.prefetch(batches)
     total, accum = cfg.optim.steps, cfg.optim.grad_accum
     global_batch = cfg.data.batch_size * accum * world
-    window_start, window_steps, window_data = time.perf_counter(), 0, 0.0
+    window_start, window_steps, window_data, window_flops = time.perf_counter(), 0, 0.0, 0.0
     while trainer.step < total:
         runs.maybe_fail(config, trainer.step, worker)
         step_info = trainer.train_step(next(steps))
         window_steps += 1
-        window_data += step_info["data_time"]
+        window_data += step_info.pop("data_time")
+        window_flops += step_info.pop("model_flops")
         step = trainer.step
         log_now = step % cfg.run.log_every == 0 or step == total
         save_now = step % cfg.run.checkpoint_every == 0 or step == total
@@ -214,9 +224,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if not (log_now or save_now or probe_now):
             continue
         elapsed = time.perf_counter() - window_start
-        metrics = {**trainer.metrics(), **{k: v for k, v in step_info.items() if k != "data_time"},
+        metrics = {**trainer.metrics(), **step_info,
                    "step": step, "step_time": elapsed / window_steps, "data_time": window_data / window_steps,
-                   "samples_per_s": global_batch * window_steps / elapsed}
+                   "samples_per_s": global_batch * window_steps / elapsed,
+                   "model_tflops": window_flops / elapsed / 1e12}  # this worker's, as MFU is per device
+        if trainer.peak_flops:
+            metrics["mfu"] = window_flops / elapsed / trainer.peak_flops
         if probe_sets is not None and probe_now:  # rank 0 only; the others wait at the next collective
             metrics.update(online_probe(trainer, probe_sets))
             metrics["probe/cost"] = metrics["probe/seconds"] / (cfg.eval.every * metrics["step_time"])
@@ -224,7 +237,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             tracker.log_metrics(metrics, step)
             config["progress"].put(metrics)  # the driver prints it: workers' own output stays in Ray's logs
         runs.report(trainer, metrics, save_now and rank == 0, step, config["run_dir"], cfg.run.workers == 0)
-        window_start, window_steps, window_data = time.perf_counter(), 0, 0.0
+        window_start, window_steps, window_data, window_flops = time.perf_counter(), 0, 0.0, 0.0
     steps.close()
 
 
@@ -306,7 +319,8 @@ def run_pretrain(cfg: Config, *, store: str | Path | Location | None = None, res
 
 
 def _progress_text(m: dict[str, float]) -> str:
-    return f"loss {m['loss']:.4f}, lr {m['lr']:.2e}, {m['samples_per_s']:.1f} samples/s" + _probe_text(m)
+    mfu = f", MFU {100 * m['mfu']:.1f}%" if "mfu" in m else ""
+    return f"loss {m['loss']:.4f}, lr {m['lr']:.2e}, {m['samples_per_s']:.1f} samples/s{mfu}" + _probe_text(m)
 
 
 def _probe_text(m: dict[str, float]) -> str:
