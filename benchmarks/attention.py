@@ -5,20 +5,25 @@ encoder on all patches (forward only), and the predictor on context + one target
 head dim is small (512 / 16 = 32 for ViT-B). Each is timed forward + backward (the target encoder forward
 only) for every backend that accepts it, with the shape fixed so cuDNN's plan cache is warm; cuDNN's first
 call, which builds its plan, is reported on its own, since a step whose lengths change pays it again.
-Lengths come from the mask sampler (configs' mask section), so they are the ones the step sees.
+Lengths come from the mask sampler (configs' mask section), so they are the ones the step sees. On a GPU
+`flex` is torch's FlexAttention, compiled per shape (its first call is the compile): Triton kernels whose
+tiles inductor picks for the shape, a candidate for the predictor's short sequences and 32-wide heads, which
+fill flash's 128 x 128 tiles poorly (it is not wired into the model; this says whether it is worth it).
 
-    python benchmarks/attention.py [--config configs/base.yaml] [--batch 128] [--family rb tf]
+    python benchmarks/attention.py [--config configs/base.yaml] [--batch 128] [--family rb tf] [--set k=v]
 
 Prints per shape the ms per call and TFLOP/s for each backend, then per family the attention time of a
 whole step (calls x depth) for each backend; the last line, `ratio:`, is the shipped backend's speed over
-the fastest backend's (the fastest's step attention time over the shipped one's; below 1: switch).
+the fastest that `model.attention` can choose (its step attention time over the shipped one's; below 1: switch).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -33,6 +38,8 @@ from ajepa.train.pretrain import patch_grid  # noqa: E402
 
 BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
             "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
+GPU_ONLY = ("flex",)  # FlexAttention has no backward on CPU
+FIRST_CALL_SHOWN = ("cudnn", "flex")  # builds a plan / compiles on a shape's first call
 
 
 def time_call(fn, warmup: int, reps: int, device: torch.device) -> float:
@@ -56,15 +63,23 @@ def time_call(fn, warmup: int, reps: int, device: torch.device) -> float:
     return statistics.median(times)
 
 
-def attention_call(backend: SDPBackend, batch: int, heads: int, length: int, head_dim: int, backward: bool,
+def attention_call(backend: str, batch: int, heads: int, length: int, head_dim: int, backward: bool,
                    device: torch.device, dtype: torch.dtype):
     q, k, v = (torch.randn(batch, heads, length, head_dim, device=device, dtype=dtype, requires_grad=backward)
                for _ in range(3))
     grad = torch.randn_like(q)
+    if backend == "flex":
+        from torch.nn.attention.flex_attention import flex_attention
+
+        attend = torch.compile(flex_attention, dynamic=False)
+        context = contextlib.nullcontext
+    else:
+        attend = F.scaled_dot_product_attention
+        context = partial(sdpa_kernel, [BACKENDS[backend]])
 
     def call():
-        with sdpa_kernel([backend]):
-            out = F.scaled_dot_product_attention(q, k, v)
+        with context():
+            out = attend(q, k, v)
             if backward:
                 out.backward(grad)
     return call
@@ -76,15 +91,17 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--family", nargs="+", default=["rb", "tf"], choices=["rb", "tf"])
     parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="config override, repeatable (e.g. model.pred_heads=8)")
     args = parser.parse_args()
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     dtype = torch.bfloat16 if cuda else torch.float32
-    cfg = load_config(args.config)
+    cfg = load_config(args.config, args.set)
     m = cfg.model
     shipped = m.attention
-    backends = [b for b in BACKENDS if b != "math"] if cuda else ["math"]
+    backends = [*(b for b in BACKENDS if b != "math"), *GPU_ONLY] if cuda else ["math"]
     grid = patch_grid(cfg)
     n_patches = grid[0] * grid[1]
     print(f"{torch.cuda.get_device_name() if cuda else 'cpu'}, torch {torch.__version__}, {dtype}; "
@@ -93,7 +110,7 @@ def main() -> None:
 
     step_ms: dict[str, dict[str, float]] = {}
     for family in args.family:
-        mcfg = load_config(args.config, [f"mask.schedule={family}"]).mask
+        mcfg = load_config(args.config, [*args.set, f"mask.schedule={family}"]).mask
         masks = sample_masks(mcfg, grid, args.batch, step=0, total_steps=1, seed=0)
         n_ctx, (k, n_tgt) = masks.context.shape[1], masks.targets.shape[1:]
         # (name, sequences, heads, length, head dim, backward, calls per step)
@@ -110,15 +127,15 @@ def main() -> None:
             cells = []
             for backend in backends:
                 try:
-                    fn = attention_call(BACKENDS[backend], b, h, n, d, backward, device, dtype)
+                    fn = attention_call(backend, b, h, n, d, backward, device, dtype)
                     first = time_call(fn, 0, 1, device)
                     ms = time_call(fn, 2, args.reps, device)
-                except RuntimeError as err:  # the backend does not take this shape
+                except Exception as err:  # the backend does not take this shape, or fails to build for it
                     cells.append(f"{backend}: n/a ({str(err).splitlines()[0][:60]})")
                     totals[backend] = float("inf")
                     continue
                 totals[backend] += ms * calls
-                plan = f", first call {first:.0f} ms" if backend == "cudnn" else ""
+                plan = f", first call {first:.0f} ms" if backend in FIRST_CALL_SHOWN else ""
                 cells.append(f"{backend} {ms:6.2f} ms {flops / ms / 1e9:5.0f} TFLOP/s{plan}")
             print(f"  {name:15s} {b:4d} x {h:2d} heads x {n:4d} x {d:3d}{' fwd+bwd' if backward else ' fwd    '}: "
                   + " | ".join(cells), flush=True)
@@ -127,10 +144,13 @@ def main() -> None:
 
     shipped_name = shipped if shipped in backends else backends[0]
     ours = sum(t[shipped_name] for t in step_ms.values())
-    best_name = min(backends, key=lambda b: sum(t[b] for t in step_ms.values()))
+    choices = [b for b in backends if b not in GPU_ONLY]  # the ones model.attention can pick
+    best_name = min(choices, key=lambda b: sum(t[b] for t in step_ms.values()))
     best = sum(t[best_name] for t in step_ms.values())
-    print(f"\nattention of one step of each family: shipped '{shipped_name}' {ours:.1f} ms, fastest '{best_name}' "
-          f"{best:.1f} ms")
+    print(f"\nattention of one step of each family: shipped '{shipped_name}' {ours:.1f} ms, fastest of "
+          f"model.attention's choices '{best_name}' {best:.1f} ms"
+          + "".join(f", {b} (not a choice yet) {sum(t[b] for t in step_ms.values()):.1f} ms"
+                    for b in backends if b in GPU_ONLY))
     print(f"ratio: {best / ours:.3f}")
 
 
