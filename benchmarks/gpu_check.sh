@@ -12,7 +12,8 @@
 #   3. the candidates toward 45% MFU, one setting each on top of the shipped config (batch 128, one round, a
 #      one-step profile):
 #      a. model.pred_heads=8: the predictor's 16 heads are 32 wide, and flash attention runs those shapes at
-#         45-71 TFLOP/s (docs/perf/h100-attention.log), ~30% of the step;
+#         45-71 TFLOP/s (docs/perf/h100-attention.log), ~30% of the step; it changes the model (on the demo,
+#         64-wide heads probed 4.8 points lower: README, GPU speed), so a gain here needs a quality check;
 #      b. model.autocast_residual=true: a bf16 residual stream, half the bytes for the norms and residual adds;
 #      c. run.compile_mode=max-autotune-no-cudagraphs: Triton GEMM templates that can take the GELU / bias glue
 #         into the matmul (autotuning makes the compile slow: the longest limit, and last);
