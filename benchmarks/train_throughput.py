@@ -46,7 +46,8 @@ sys.path.insert(0, str(REPO / "platform"))
 
 from ajepa.config import Config, load_config  # noqa: E402
 from ajepa.masking import MaskBatch, sample_masks, tf_probability  # noqa: E402
-from ajepa.models.ajepa import AJEPA, flops_split, peak_bf16_flops  # noqa: E402
+from ajepa.models.ajepa import AJEPA  # noqa: E402
+from ajepa.models.flops import flops_split, peak_bf16_flops  # noqa: E402
 from ajepa.train.inputs import HostBatch, Prefetcher  # noqa: E402
 from ajepa.train.pretrain import Pretrainer, patch_grid  # noqa: E402
 

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from ajepa import cli, data
 from ajepa.config import load_config
 from ajepa.models.classifier import Classifier, draw_token_masks
+from ajepa.models.flops import classifier_flops
 from ajepa.train import finetune, runs
 from ajepa.train.finetune import Finetuner, Task
 from ajepa.train.pretrain import Pretrainer
@@ -85,6 +86,22 @@ def test_drop_and_zero_regularise_the_same_number_of_tokens():
     model = Classifier(micro_cfg().model, 3, 128, 128)
     pixels = model._patch_pixels(zero, 128, 128)
     assert pixels.sum() == 2 * 7 * 16 * 16 and pixels[0].view(8, 16, 8, 16)[:, 0, :, 0].flatten().equal(zero[0])
+
+
+def test_a_step_counts_the_model_flops_of_the_tokens_it_encodes():
+    counted = {}
+    for reg in ("none", "rm", "drop"):
+        cfg = micro_cfg(f"finetune.token_reg={reg}", "finetune.token_ratio=0.25")
+        trainer = Finetuner(cfg, Task(["a", "b", "c"], False, "ce"), -8.0, 4.0, torch.device("cpu"))
+        counted[reg] = trainer.train_step(*fake_batch(0, 4), torch.tensor([0, 1, 2, 0]))
+        assert trainer.peak_flops is None  # a CPU runs float32: no bf16 peak, no MFU
+    # Masked keys cost the whole attention; dropping a quarter of the tokens leaves 48 of 64 to encode.
+    assert counted["none"] == counted["rm"] == 4 * classifier_flops(micro_cfg().model, GRID, GRID, 3)
+    assert counted["drop"] == 4 * classifier_flops(micro_cfg().model, GRID, 48, 3) < counted["none"]
+    # MICRO's encoder (width 64, depth 2, 16x16 patches) by hand: patch conv, 2 blocks' linears and attention, head
+    d, n = 64, 48
+    assert classifier_flops(micro_cfg().model, GRID, n, 3) == 3 * (
+        2 * GRID * 256 * d + 2 * (2 * n * d * (4 * d + 8 * d) + 4 * n * n * d) + 2 * d * 3)
 
 
 def test_layer_wise_lr_decay_groups_and_the_head():
@@ -258,6 +275,7 @@ def test_finetune_run_logs_metrics_and_artifacts_to_mlflow(tmp_path, stores, cap
     assert f"data {stores['labelled']} (8 of its 16 train clips)" in capsys.readouterr().out
     assert result.step == 6 and result.checkpoint.name == "step_00000006"
     assert history(result, "val/acc") == [3, 6] and history(result, "loss") == [2, 3, 4, 6]
+    assert history(result, "model_tflops") == [2, 3, 4, 6] and history(result, "mfu") == []  # no MFU on a CPU
     assert 0 <= result.metrics["test/acc"] <= 1 and result.metrics["val/best_acc"] >= result.metrics["val/acc"]
     client = mlflow.MlflowClient(result.tracking_uri)
     run = client.get_run(result.mlflow_run_id)

@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from ajepa.config import COMPILE_MODES, ModelConfig
-from ajepa.models.ajepa import AJEPA, flops_per_sample, jepa_loss
+from ajepa.models.ajepa import AJEPA, jepa_loss
+from ajepa.models.flops import flops_per_sample
 from ajepa.models.vit import Predictor, VisionTransformer, apply_masks, sincos_pos_embed_2d
 from torch import nn
 

@@ -18,7 +18,7 @@ import torch
 from ajepa import data, order, storage
 from ajepa.config import ConfigError, load_config
 from ajepa.hear import load_model
-from ajepa.models.ajepa import flops_per_sample, peak_bf16_flops
+from ajepa.models.flops import flops_per_sample, peak_bf16_flops
 from ajepa.models.vit import VisionTransformer
 from ajepa.train import pretrain, runs
 from ajepa.train.pretrain import CheckpointError, Pretrainer, export_encoder, load_checkpoint

@@ -27,6 +27,7 @@ from ajepa.audio import apply_augmentation, draw_augmentation, normalize
 from ajepa.config import Config, ConfigError
 from ajepa.eval import EvalError, Labels, encode_labels, label_sets, mean_average_precision, score
 from ajepa.models.classifier import Classifier, draw_token_masks
+from ajepa.models.flops import classifier_flops, device_peak_flops
 from ajepa.storage import Location
 from ajepa.train import runs, schedules
 
@@ -98,6 +99,7 @@ class Finetuner:
         self.optimizer = torch.optim.AdamW(self.model.param_groups(ft.weight_decay, ft.layer_decay), lr=ft.lr,
                                            betas=cfg.optim.betas, fused=device.type == "cuda")
         self.amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+        self.peak_flops = device_peak_flops(device)  # what MFU is measured against; None on a CPU
         self.step = 0
         self.best = {"value": float("-inf"), "step": 0}  # best val metric so far; checkpointed with the step
         self._losses: list[Tensor] = []
@@ -111,9 +113,9 @@ class Finetuner:
         x = normalize(x, self.mean, self.std) if data.normalize else x
         return spec_augment(x, ft.time_mask, ft.freq_mask, generator)
 
-    def train_step(self, fbank: Tensor, n_frames: Tensor, targets: Tensor) -> None:
-        """One optimizer step. Every random draw comes from a generator seeded by (seed, step, rank), so a
-        resumed run draws what the unbroken run would have."""
+    def train_step(self, fbank: Tensor, n_frames: Tensor, targets: Tensor) -> float:
+        """One optimizer step; returns its model FLOPs on this rank. Every random draw comes from a generator
+        seeded by (seed, step, rank), so a resumed run draws what the unbroken run would have."""
         ft = self.cfg.finetune
         seed = int(np.random.SeedSequence([self.cfg.run.seed, self.step, self.rank]).generate_state(1)[0])
         generator = torch.Generator().manual_seed(seed)
@@ -136,6 +138,8 @@ class Finetuner:
         self.optimizer.zero_grad(set_to_none=True)
         self._losses.append(loss.detach())
         self.step += 1
+        tokens = masks.keep.shape[1] if masks.keep is not None else grid
+        return x.shape[0] * classifier_flops(self.cfg.model, grid, tokens, len(self.task.classes))
 
     def loss(self, logits: Tensor, y: Tensor) -> Tensor:
         if self.task.loss == "bce":
@@ -298,11 +302,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     batches = runs.host_batches(config, worker, start=trainer.step, columns=("label",))
     ft, m = cfg.finetune, task.metric
     total, global_batch = ft.steps, cfg.data.batch_size * world
-    window_start, window_steps = time.perf_counter(), 0
+    window_start, window_steps, window_flops = time.perf_counter(), 0, 0.0
     while trainer.step < total:
         runs.maybe_fail(config, trainer.step, worker)
         fbank, n_frames, columns = next(batches)
-        trainer.train_step(fbank.to(device, non_blocking=True), n_frames, task.targets(list(columns["label"])))
+        window_flops += trainer.train_step(fbank.to(device, non_blocking=True), n_frames,
+                                           task.targets(list(columns["label"])))
         window_steps += 1
         step = trainer.step
         log_now = step % cfg.run.log_every == 0 or step == total
@@ -312,7 +317,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             continue
         elapsed = time.perf_counter() - window_start
         metrics = {**trainer.metrics(), "step": step, "step_time": elapsed / window_steps,
-                   "samples_per_s": global_batch * window_steps / elapsed}
+                   "samples_per_s": global_batch * window_steps / elapsed,
+                   **runs.flops_metrics(window_flops, elapsed, trainer.peak_flops)}
         if eval_set is not None and eval_now:  # rank 0 only; the others wait at the next collective
             value, _ = evaluate(trainer, eval_set, "val")
             if value > trainer.best["value"]:
@@ -325,7 +331,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             tracker.log_metrics(metrics, step)
             config["progress"].put(metrics)  # the driver prints it: workers' own output stays in Ray's logs
         runs.report(trainer, metrics, save_now and rank == 0, step, config["run_dir"], cfg.run.workers == 0)
-        window_start, window_steps = time.perf_counter(), 0
+        window_start, window_steps, window_flops = time.perf_counter(), 0, 0.0
 
 
 # -------------------------------------------------------------------------------------------- driver
@@ -435,7 +441,7 @@ def run_finetune(cfg: Config, checkpoint: str | None = None, *, store: str | Pat
 
 
 def _progress_text(m: dict[str, float]) -> str:
-    text = f"loss {m['loss']:.4f}, lr {m['lr']:.2e}, {m['samples_per_s']:.1f} samples/s"
+    text = f"loss {m['loss']:.4f}, lr {m['lr']:.2e}, {m['samples_per_s']:.1f} samples/s{runs.mfu_text(m)}"
     for split in EVAL_SPLITS:
         for metric in ("acc", "map"):
             if f"{split}/{metric}" in m:

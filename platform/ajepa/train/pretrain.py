@@ -25,7 +25,8 @@ from ajepa.audio import apply_augmentation, normalize
 from ajepa.config import Config, ConfigError
 from ajepa.eval import EvalError, ProbeSet, load_probe_sets, probe
 from ajepa.masking import tf_probability, validate_masks
-from ajepa.models.ajepa import AJEPA, flops_per_sample, peak_bf16_flops
+from ajepa.models.ajepa import AJEPA
+from ajepa.models.flops import device_peak_flops, flops_per_sample
 from ajepa.storage import Location
 from ajepa.train import runs, schedules
 from ajepa.train.inputs import HostBatch, MicroBatch, Prefetcher, plan_step
@@ -65,8 +66,7 @@ class Pretrainer:
         self.optimizer = torch.optim.AdamW(self.model.param_groups(cfg.optim.weight_decay[0]), lr=cfg.optim.lr,
                                            betas=cfg.optim.betas, fused=device.type == "cuda")
         self.amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-        # The bf16 peak that model FLOPs utilisation is measured against (steps run in bf16 on GPUs only).
-        self.peak_flops = peak_bf16_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+        self.peak_flops = device_peak_flops(device)  # what MFU is measured against; None on a CPU
         self.step = 0
         # (loss, target_std, pred_std) since the last `metrics()`, kept on device: no host sync per step
         self._pending: list[Tensor] = []
@@ -227,9 +227,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         metrics = {**trainer.metrics(), **step_info,
                    "step": step, "step_time": elapsed / window_steps, "data_time": window_data / window_steps,
                    "samples_per_s": global_batch * window_steps / elapsed,
-                   "model_tflops": window_flops / elapsed / 1e12}  # this worker's, as MFU is per device
-        if trainer.peak_flops:
-            metrics["mfu"] = window_flops / elapsed / trainer.peak_flops
+                   **runs.flops_metrics(window_flops, elapsed, trainer.peak_flops)}
         if probe_sets is not None and probe_now:  # rank 0 only; the others wait at the next collective
             metrics.update(online_probe(trainer, probe_sets))
             metrics["probe/cost"] = metrics["probe/seconds"] / (cfg.eval.every * metrics["step_time"])
@@ -319,8 +317,8 @@ def run_pretrain(cfg: Config, *, store: str | Path | Location | None = None, res
 
 
 def _progress_text(m: dict[str, float]) -> str:
-    mfu = f", MFU {100 * m['mfu']:.1f}%" if "mfu" in m else ""
-    return f"loss {m['loss']:.4f}, lr {m['lr']:.2e}, {m['samples_per_s']:.1f} samples/s{mfu}" + _probe_text(m)
+    return (f"loss {m['loss']:.4f}, lr {m['lr']:.2e}, {m['samples_per_s']:.1f} samples/s{runs.mfu_text(m)}"
+            + _probe_text(m))
 
 
 def _probe_text(m: dict[str, float]) -> str:

@@ -148,6 +148,18 @@ def maybe_fail(config: dict[str, Any], step: int, worker: Worker) -> None:
             os._exit(1)  # a hard worker death, as from an OOM kill or a lost node
 
 
+def flops_metrics(window_flops: float, elapsed: float, peak_flops: float | None) -> dict[str, float]:
+    """This worker's model TFLOP/s over a log window (MFU is per device) and, where its device has a known peak,
+    its model FLOPs utilisation."""
+    rate = window_flops / elapsed
+    return {"model_tflops": rate / 1e12, **({"mfu": rate / peak_flops} if peak_flops else {})}
+
+
+def mfu_text(metrics: dict[str, float]) -> str:
+    """The progress line's MFU, where the run has one."""
+    return f", MFU {100 * metrics['mfu']:.1f}%" if "mfu" in metrics else ""
+
+
 def report(trainer: Trainer, metrics: dict[str, float], with_checkpoint: bool, step: int, run_dir: Location,
            in_process: bool) -> None:
     """Every rank calls report the same number of times (it is a collective); rank 0 attaches the state.

@@ -1,0 +1,77 @@
+"""Model FLOPs of a training step, and the GPU peaks that model FLOPs utilisation (MFU) is measured against.
+
+Only matmuls count, 2·m·n·k each; norms, softmax, GELU and losses are ignored. Backward is counted as twice the
+forward for every trained part. With D = embed_dim, p = patch_size, L = depth, r = mlp_ratio:
+
+    block(n, d) = 2·n·d·(4d + 2rd) + 4·n²·d       (qkv, out-projection, MLP; Q·Kᵀ and A·V)
+    encoder(N, n) = 2·N·p²·D + L·block(n, D)      (the patch conv runs on all N patches, the blocks on n tokens)
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ajepa.config import ModelConfig
+
+# Dense bf16 tensor-core peaks (no sparsity), by a fragment of torch.cuda.get_device_name; first match wins.
+PEAK_BF16_FLOPS = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12),
+                   ("A100", 312e12))
+
+
+def _block_flops(n: int, dim: int, mlp_ratio: float) -> tuple[float, float]:
+    """Forward matmul FLOPs of one transformer block on n tokens of width dim: (linear layers, attention)."""
+    hidden = mlp_ratio * dim
+    linear = 2 * n * dim * (3 * dim + dim + 2 * hidden)  # qkv, attention out-projection, fc1 + fc2
+    attention = 2 * 2 * n * n * dim  # Q·Kᵀ and A·V over all heads
+    return linear, attention
+
+
+def _encoder_flops(cfg: ModelConfig, n_patches: int, n_tokens: int) -> tuple[float, float]:
+    """Forward FLOPs of the ViT encoder that embeds n_patches and runs its blocks on n_tokens of them."""
+    linear, attention = _block_flops(n_tokens, cfg.embed_dim, cfg.mlp_ratio)
+    return 2 * n_patches * cfg.patch_size**2 * cfg.embed_dim + cfg.depth * linear, cfg.depth * attention
+
+
+def flops_split(cfg: ModelConfig, grid_t: int, grid_f: int, n_ctx: int, n_tgt: int, k: int) -> dict[str, float]:
+    """A-JEPA's training FLOPs of one clip per step: `linear` (patch embedding and every linear layer) and
+    `attention` (Q·Kᵀ and A·V), so a profile can rate each kind's kernels. With N = grid_t·grid_f, P = pred_dim,
+    Lp = pred_depth:
+
+        context   = encoder(N, n_ctx)
+        target    = encoder(N, N)                      (forward only: no gradient)
+        predictor = 2·n_ctx·D·P + k·Lp·block(n_ctx + n_tgt, P) + 2·k·n_tgt·P·D
+        total     = 3·(context + predictor) + target
+
+    n_tgt is the patch count of one target block, k the number of blocks.
+    """
+    n = grid_t * grid_f
+    d, p = cfg.embed_dim, cfg.pred_dim
+    ctx_linear, ctx_attention = _encoder_flops(cfg, n, n_ctx)
+    tgt_linear, tgt_attention = _encoder_flops(cfg, n, n)
+    pred_linear, pred_attention = _block_flops(n_ctx + n_tgt, p, cfg.mlp_ratio)
+    trained_linear = ctx_linear + 2 * n_ctx * d * p + k * cfg.pred_depth * pred_linear + 2 * k * n_tgt * p * d
+    trained_attention = ctx_attention + k * cfg.pred_depth * pred_attention
+    return {"linear": float(3 * trained_linear + tgt_linear), "attention": float(3 * trained_attention + tgt_attention)}
+
+
+def flops_per_sample(cfg: ModelConfig, grid_t: int, grid_f: int, n_ctx: int, n_tgt: int, k: int) -> float:
+    """A-JEPA's training FLOPs of one clip per step, all kinds (`flops_split`)."""
+    return sum(flops_split(cfg, grid_t, grid_f, n_ctx, n_tgt, k).values())
+
+
+def classifier_flops(cfg: ModelConfig, n_patches: int, n_tokens: int, num_classes: int) -> float:
+    """The fine-tuning classifier's training FLOPs of one clip: 3·(encoder(N, n_tokens) + 2·D·classes), n_tokens
+    below N when tokens are dropped (masked keys and zeroed patches cost the full N)."""
+    linear, attention = _encoder_flops(cfg, n_patches, n_tokens)
+    return float(3 * (linear + attention + 2 * cfg.embed_dim * num_classes))
+
+
+def peak_bf16_flops(device_name: str) -> float | None:
+    """The device's dense bf16 peak for model FLOPs utilisation; None for a device not in the table."""
+    return next((peak for key, peak in PEAK_BF16_FLOPS if key in device_name), None)
+
+
+def device_peak_flops(device: torch.device) -> float | None:
+    """The peak a training step on `device` is rated by: the bf16 peak of a GPU in the table (steps autocast to
+    bf16 there); None on a CPU, which runs float32."""
+    return peak_bf16_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
