@@ -47,7 +47,7 @@ sys.path.insert(0, str(REPO / "platform"))
 from ajepa.config import Config, load_config  # noqa: E402
 from ajepa.masking import MaskBatch, sample_masks, tf_probability  # noqa: E402
 from ajepa.models.ajepa import AJEPA  # noqa: E402
-from ajepa.models.flops import flops_split, peak_bf16_flops  # noqa: E402
+from ajepa.models.flops import masks_flops_split, peak_bf16_flops  # noqa: E402
 from ajepa.train.inputs import HostBatch, Prefetcher  # noqa: E402
 from ajepa.train.pretrain import Pretrainer, patch_grid  # noqa: E402
 
@@ -143,9 +143,7 @@ def presample(cfg: Config, batch: int, steps: range, family: str) -> list[list[M
 def step_flops_split(cfg: Config, step_masks: list[MaskBatch]) -> dict[str, float]:
     """Model FLOPs per sample of one optimizer step by kind (linear, attention), from the actual context / target
     sizes."""
-    grid_t, grid_f = patch_grid(cfg)
-    per_micro = [flops_split(cfg.model, grid_t, grid_f, m.context.shape[1], m.targets.shape[2], m.targets.shape[1])
-                 for m in step_masks]
+    per_micro = [masks_flops_split(cfg.model, patch_grid(cfg), m.context, m.targets) for m in step_masks]
     return {kind: sum(f[kind] for f in per_micro) / len(per_micro) for kind in per_micro[0]}
 
 

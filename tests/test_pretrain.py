@@ -18,7 +18,7 @@ import torch
 from ajepa import data, order, storage
 from ajepa.config import ConfigError, load_config
 from ajepa.hear import load_model
-from ajepa.models.flops import flops_per_sample, peak_bf16_flops
+from ajepa.models.flops import flops_split, peak_bf16_flops
 from ajepa.models.vit import VisionTransformer
 from ajepa.train import pretrain, runs
 from ajepa.train.pretrain import CheckpointError, Pretrainer, export_encoder, load_checkpoint
@@ -224,8 +224,8 @@ def test_a_step_counts_the_model_flops_its_masks_make_and_a_known_gpu_has_a_peak
         planned = trainer.plan(0, [fake_batch(0), fake_batch(1)])
         counted[pad] = trainer.train_step(planned)["model_flops"]
         assert trainer.grid == (8, 8)
-        assert counted[pad] == sum(8 * flops_per_sample(cfg.model, 8, 8, m.context.shape[1], m.targets.shape[2],
-                                                        m.targets.shape[1]) for m in planned)
+        assert counted[pad] == sum(8 * sum(flops_split(cfg.model, 8, 8, m.context.shape[1], m.targets.shape[2],
+                                                       m.targets.shape[1]).values()) for m in planned)
         assert trainer.peak_flops is None  # no MFU on a CPU: it runs float32, with no bf16 peak to rate it by
     # The same masks, contexts padded to each micro-batch's longest instead of cut to its shortest: more work.
     assert counted["true"] > counted["false"]

@@ -54,9 +54,12 @@ def flops_split(cfg: ModelConfig, grid_t: int, grid_f: int, n_ctx: int, n_tgt: i
     return {"linear": float(3 * trained_linear + tgt_linear), "attention": float(3 * trained_attention + tgt_attention)}
 
 
-def flops_per_sample(cfg: ModelConfig, grid_t: int, grid_f: int, n_ctx: int, n_tgt: int, k: int) -> float:
-    """A-JEPA's training FLOPs of one clip per step, all kinds (`flops_split`)."""
-    return sum(flops_split(cfg, grid_t, grid_f, n_ctx, n_tgt, k).values())
+def masks_flops_split(cfg: ModelConfig, grid: tuple[int, int], context: torch.Tensor,
+                      targets: torch.Tensor) -> dict[str, float]:
+    """`flops_split` per clip of a batch from its mask tensors, context (B, Nc) and targets (B, K, Nt): their
+    shapes only, so device tensors cost no sync."""
+    _, k, n_tgt = targets.shape
+    return flops_split(cfg, *grid, context.shape[1], n_tgt, k)
 
 
 def classifier_flops(cfg: ModelConfig, n_patches: int, n_tokens: int, num_classes: int) -> float:

@@ -26,7 +26,7 @@ from ajepa.config import Config, ConfigError
 from ajepa.eval import EvalError, ProbeSet, load_probe_sets, probe
 from ajepa.masking import tf_probability, validate_masks
 from ajepa.models.ajepa import AJEPA
-from ajepa.models.flops import device_peak_flops, flops_per_sample
+from ajepa.models.flops import device_peak_flops, masks_flops_split
 from ajepa.storage import Location
 from ajepa.train import runs, schedules
 from ajepa.train.inputs import HostBatch, MicroBatch, Prefetcher, plan_step
@@ -149,10 +149,10 @@ class Pretrainer:
         return info
 
     def step_flops(self, micro: MicroBatch) -> float:
-        """Model FLOPs (flops_per_sample) of one micro-batch on this rank, from its mask shapes: no device sync.
-        With mask.pad_context the padded context is counted: the model computes it."""
-        b, k, n_tgt = micro.targets.shape
-        return b * flops_per_sample(self.cfg.model, *self.grid, micro.context.shape[1], n_tgt, k)
+        """Model FLOPs of one micro-batch on this rank, from its mask shapes. With mask.pad_context the padded
+        context is counted: the model computes it."""
+        per_clip = masks_flops_split(self.cfg.model, self.grid, micro.context, micro.targets)
+        return micro.targets.shape[0] * sum(per_clip.values())
 
     def metrics(self) -> dict[str, float]:
         """Scalars for logging; the one host sync of the logging interval happens here."""
