@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -301,24 +300,19 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     eval_set = EvalSet.load(config["store"], task) if rank == 0 else None
     batches = runs.host_batches(config, worker, start=trainer.step, columns=("label",))
     ft, m = cfg.finetune, task.metric
-    total, global_batch = ft.steps, cfg.data.batch_size * world
-    window_start, window_steps, window_flops = time.perf_counter(), 0, 0.0
+    total, window = ft.steps, runs.LogWindow(cfg.data.batch_size * world, trainer.peak_flops)
     while trainer.step < total:
         runs.maybe_fail(config, trainer.step, worker)
         fbank, n_frames, columns = next(batches)
-        window_flops += trainer.train_step(fbank.to(device, non_blocking=True), n_frames,
-                                           task.targets(list(columns["label"])))
-        window_steps += 1
+        window.add(trainer.train_step(fbank.to(device, non_blocking=True), n_frames,
+                                      task.targets(list(columns["label"]))))
         step = trainer.step
         log_now = step % cfg.run.log_every == 0 or step == total
         save_now = step % cfg.run.checkpoint_every == 0 or step == total
         eval_now = step == total or (ft.eval_every > 0 and step % ft.eval_every == 0)
         if not (log_now or save_now or eval_now):
             continue
-        elapsed = time.perf_counter() - window_start
-        metrics = {**trainer.metrics(), "step": step, "step_time": elapsed / window_steps,
-                   "samples_per_s": global_batch * window_steps / elapsed,
-                   **runs.flops_metrics(window_flops, elapsed, trainer.peak_flops)}
+        metrics = {**trainer.metrics(), "step": step, **window.metrics()}
         if eval_set is not None and eval_now:  # rank 0 only; the others wait at the next collective
             value, _ = evaluate(trainer, eval_set, "val")
             if value > trainer.best["value"]:
@@ -331,7 +325,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             tracker.log_metrics(metrics, step)
             config["progress"].put(metrics)  # the driver prints it: workers' own output stays in Ray's logs
         runs.report(trainer, metrics, save_now and rank == 0, step, config["run_dir"], cfg.run.workers == 0)
-        window_start, window_steps, window_flops = time.perf_counter(), 0, 0.0
+        window.reset()
 
 
 # -------------------------------------------------------------------------------------------- driver

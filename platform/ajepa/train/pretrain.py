@@ -209,25 +209,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         config, worker, start=trainer.step * cfg.optim.grad_accum))
     steps = trainer.prefetch(batches)
     total, accum = cfg.optim.steps, cfg.optim.grad_accum
-    global_batch = cfg.data.batch_size * accum * world
-    window_start, window_steps, window_data, window_flops = time.perf_counter(), 0, 0.0, 0.0
+    window, window_data = runs.LogWindow(cfg.data.batch_size * accum * world, trainer.peak_flops), 0.0
     while trainer.step < total:
         runs.maybe_fail(config, trainer.step, worker)
         step_info = trainer.train_step(next(steps))
-        window_steps += 1
+        window.add(step_info.pop("model_flops"))
         window_data += step_info.pop("data_time")
-        window_flops += step_info.pop("model_flops")
         step = trainer.step
         log_now = step % cfg.run.log_every == 0 or step == total
         save_now = step % cfg.run.checkpoint_every == 0 or step == total
         probe_now = cfg.eval.every > 0 and (step % cfg.eval.every == 0 or step == total)
         if not (log_now or save_now or probe_now):
             continue
-        elapsed = time.perf_counter() - window_start
-        metrics = {**trainer.metrics(), **step_info,
-                   "step": step, "step_time": elapsed / window_steps, "data_time": window_data / window_steps,
-                   "samples_per_s": global_batch * window_steps / elapsed,
-                   **runs.flops_metrics(window_flops, elapsed, trainer.peak_flops)}
+        metrics = {**trainer.metrics(), **step_info, "step": step, "data_time": window_data / window.steps,
+                   **window.metrics()}
         if probe_sets is not None and probe_now:  # rank 0 only; the others wait at the next collective
             metrics.update(online_probe(trainer, probe_sets))
             metrics["probe/cost"] = metrics["probe/seconds"] / (cfg.eval.every * metrics["step_time"])
@@ -235,7 +230,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             tracker.log_metrics(metrics, step)
             config["progress"].put(metrics)  # the driver prints it: workers' own output stays in Ray's logs
         runs.report(trainer, metrics, save_now and rank == 0, step, config["run_dir"], cfg.run.workers == 0)
-        window_start, window_steps, window_data, window_flops = time.perf_counter(), 0, 0.0, 0.0
+        window.reset()
+        window_data = 0.0
     steps.close()
 
 

@@ -148,11 +148,27 @@ def maybe_fail(config: dict[str, Any], step: int, worker: Worker) -> None:
             os._exit(1)  # a hard worker death, as from an OOM kill or a lost node
 
 
-def flops_metrics(window_flops: float, elapsed: float, peak_flops: float | None) -> dict[str, float]:
-    """This worker's model TFLOP/s over a log window (MFU is per device) and, where its device has a known peak,
-    its model FLOPs utilisation."""
-    rate = window_flops / elapsed
-    return {"model_tflops": rate / 1e12, **({"mfu": rate / peak_flops} if peak_flops else {})}
+class LogWindow:
+    """The steps since the last log step of a training loop: their wall time and this worker's model FLOPs."""
+
+    def __init__(self, global_batch: int, peak_flops: float | None):
+        self.global_batch, self.peak_flops = global_batch, peak_flops
+        self.reset()
+
+    def reset(self) -> None:
+        self.start, self.steps, self.flops = time.perf_counter(), 0, 0.0
+
+    def add(self, flops: float) -> None:
+        self.steps += 1
+        self.flops += flops
+
+    def metrics(self) -> dict[str, float]:
+        """step_time, samples_per_s, this worker's model TFLOP/s (MFU is per device) and, where its device has a
+        known peak, its model FLOPs utilisation."""
+        elapsed = time.perf_counter() - self.start
+        rate = self.flops / elapsed
+        return {"step_time": elapsed / self.steps, "samples_per_s": self.global_batch * self.steps / elapsed,
+                "model_tflops": rate / 1e12, **({"mfu": rate / self.peak_flops} if self.peak_flops else {})}
 
 
 def mfu_text(metrics: dict[str, float]) -> str:
