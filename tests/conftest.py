@@ -54,6 +54,9 @@ def pytest_configure(config: pytest.Config) -> None:
     # Short, in /tmp: Ray's Unix sockets live under it and their paths must stay under 107 characters.
     config.stash[_ray_tmp_key] = ray_tmp = Path(tempfile.mkdtemp(prefix="ajepa-ray-", dir="/tmp"))
     os.environ["RAY_TMPDIR"] = str(ray_tmp)
+    # torch.compile's kernel and graph caches default to /tmp/torchinductor_<user>, outside HOME: compile tests
+    # must compile as a fresh machine does, not reuse what earlier runs left.
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(home / "torchinductor")
     # Set before any Ray starts, so its workers have them too; the server itself starts with `s3_server`.
     os.environ.update(S3_TEST_ENV)
     os.environ[S3_ENDPOINT_ENV] = f"http://127.0.0.1:{_free_port()}"
