@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from ajepa.config import COMPILE_MODES, ModelConfig
 from ajepa.models.ajepa import AJEPA, jepa_loss
 from ajepa.models.flops import flops_split
-from ajepa.models.vit import Predictor, VisionTransformer, apply_masks, sincos_pos_embed_2d
+from ajepa.models.vit import Block, Predictor, VisionTransformer, apply_masks, sincos_pos_embed_2d
 from torch import nn
 
 TINY = ModelConfig(embed_dim=192, depth=2, num_heads=3, pred_dim=64, pred_depth=2, pred_heads=4)
@@ -78,6 +78,39 @@ def test_predictor_blocks_are_independent() -> None:
     for j in range(3):
         alone = pred(ctx, ctx_idx, tgt_idx[:, j:j + 1])
         torch.testing.assert_close(out[:, j], alone[:, 0], rtol=1e-5, atol=1e-5)
+
+
+def test_a_block_computes_only_the_rows_it_returns_and_they_equal_the_full_blocks() -> None:
+    """queries_from (the predictor's last block, which keeps only its target rows): the same rows, gradients and
+    drop-path draws as the whole block, from fewer FLOPs (counted by torch's FLOP counter)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    block = Block(64, 4, qkv_bias=True, drop_path=0.5).train()
+    x = torch.randn(6, 30, 64, requires_grad=True)
+    hidden = torch.rand(6, 30) < 0.3
+    hidden[:, 0] = False  # every query keeps a visible key
+    mask = ~hidden[:, None, None, :]
+    weights = torch.randn(6, 18, 64)
+    results = []
+    for queries_from in (0, 12):
+        torch.manual_seed(1)  # the same drop-path draws
+        with FlopCounterMode(display=False) as flops:
+            out = block(x, attn_mask=mask, queries_from=queries_from)[:, 12 - queries_from:]
+            (out * weights).sum().backward()
+        results.append((out.detach(), x.grad, [p.grad for p in block.parameters()], flops.get_total_flops()))
+        x.grad = None
+        block.zero_grad(set_to_none=True)
+    (full, full_dx, full_grads, full_flops), (rows, dx, grads, row_flops) = results
+    with torch.no_grad():
+        undropped = block.eval()(x, attn_mask=mask)[:, 12:]
+    assert not torch.allclose(full, undropped), "drop path drew nothing: the draws were not compared"
+    torch.testing.assert_close(rows, full, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dx, full_dx, rtol=1e-5, atol=1e-5)
+    for g, h in zip(grads, full_grads, strict=True):
+        torch.testing.assert_close(g, h, rtol=1e-5, atol=1e-5)
+    # Linear-layer FLOPs (12·d² a row; the counter leaves SDPA out on a CPU): queries, out-projection and MLP
+    # (10·d²) on the 18 returned rows, keys and values (2·d²) on all 30.
+    assert row_flops / full_flops == pytest.approx((18 * 10 + 30 * 2) / (30 * 12))
 
 
 def test_padded_contexts_give_each_clip_what_it_gets_alone() -> None:
@@ -229,6 +262,23 @@ def test_flops_vit_b() -> None:
     """method.md: ~0.6 TFLOP per clip per step for ViT-B, 1024x128, default predictor, ~48% context."""
     tflop = sum(flops_split(ModelConfig(), 64, 8, n_ctx=246, n_tgt=90, k=4).values()) / 1e12
     assert 0.5 < tflop < 0.8
+
+
+def test_flops_split_counts_the_linear_layers_of_a_real_training_step() -> None:
+    """torch's FLOP counter over a tiny model's forward and backward (it leaves SDPA out on a CPU) against
+    flops_split's linear count, which rates backward at twice the forward everywhere: the patch convolutions'
+    input gradient, which the spectrogram does not need, is the only difference."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = AJEPA(TINY, max_frames=128)
+    x = torch.randn(2, 128, 128)
+    ctx, tgt = make_masks(2, 64, 20, 3, 6)
+    with FlopCounterMode(display=False) as flops:
+        loss, _ = model(x, ctx, tgt)
+        loss.backward()
+    per_clip = flops_split(TINY, 8, 8, n_ctx=20, n_tgt=6, k=3)["linear"]
+    conv_input_grad = 2 * 64 * 16**2 * TINY.embed_dim
+    assert flops.get_total_flops() == 2 * (per_clip - conv_input_grad)
 
 
 def test_short_optimisation_reduces_loss() -> None:

@@ -4,6 +4,7 @@ Only matmuls count, 2·m·n·k each; norms, softmax, GELU and losses are ignored
 forward for every trained part. With D = embed_dim, p = patch_size, L = depth, r = mlp_ratio:
 
     block(n, d) = 2·n·d·(4d + 2rd) + 4·n²·d       (qkv, out-projection, MLP; Q·Kᵀ and A·V)
+    block(n, d, q) = 2·n·d·2d + 2·q·d·(2d + 2rd) + 4·q·n·d   (only q rows returned: keys and values of all n)
     encoder(N, n) = 2·N·p²·D + L·block(n, D)      (the patch conv runs on all N patches, the blocks on n tokens)
 """
 
@@ -18,11 +19,13 @@ PEAK_BF16_FLOPS = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12)
                    ("A100", 312e12))
 
 
-def _block_flops(n: int, dim: int, mlp_ratio: float) -> tuple[float, float]:
-    """Forward matmul FLOPs of one transformer block on n tokens of width dim: (linear layers, attention)."""
+def _block_flops(n: int, dim: int, mlp_ratio: float, queries: int | None = None) -> tuple[float, float]:
+    """Forward matmul FLOPs of one transformer block on n tokens of width dim, returning `queries` rows (all n by
+    default; Block's queries_from): (linear layers, attention)."""
+    q = n if queries is None else queries
     hidden = mlp_ratio * dim
-    linear = 2 * n * dim * (3 * dim + dim + 2 * hidden)  # qkv, attention out-projection, fc1 + fc2
-    attention = 2 * 2 * n * n * dim  # Q·Kᵀ and A·V over all heads
+    linear = 2 * n * dim * 2 * dim + 2 * q * dim * (dim + dim + 2 * hidden)  # k, v; q, out-projection, fc1 + fc2
+    attention = 2 * 2 * q * n * dim  # Q·Kᵀ and A·V over all heads
     return linear, attention
 
 
@@ -39,18 +42,22 @@ def flops_split(cfg: ModelConfig, grid_t: int, grid_f: int, n_ctx: int, n_tgt: i
 
         context   = encoder(N, n_ctx)
         target    = encoder(N, N)                      (forward only: no gradient)
-        predictor = 2·n_ctx·D·P + k·Lp·block(n_ctx + n_tgt, P) + 2·k·n_tgt·P·D
+        predictor = 2·n_ctx·D·P + k·(Lp−1)·block(n, P) + k·block(n, P, n_tgt) + 2·k·n_tgt·P·D,  n = n_ctx + n_tgt
         total     = 3·(context + predictor) + target
 
-    n_tgt is the patch count of one target block, k the number of blocks.
+    n_tgt is the patch count of one target block, k the number of blocks. The predictor's last block computes
+    only the target rows it keeps.
     """
     n = grid_t * grid_f
     d, p = cfg.embed_dim, cfg.pred_dim
     ctx_linear, ctx_attention = _encoder_flops(cfg, n, n_ctx)
     tgt_linear, tgt_attention = _encoder_flops(cfg, n, n)
     pred_linear, pred_attention = _block_flops(n_ctx + n_tgt, p, cfg.mlp_ratio)
-    trained_linear = ctx_linear + 2 * n_ctx * d * p + k * cfg.pred_depth * pred_linear + 2 * k * n_tgt * p * d
-    trained_attention = ctx_attention + k * cfg.pred_depth * pred_attention
+    last_linear, last_attention = _block_flops(n_ctx + n_tgt, p, cfg.mlp_ratio, queries=n_tgt)
+    blocks = cfg.pred_depth - 1
+    trained_linear = (ctx_linear + 2 * n_ctx * d * p + k * (blocks * pred_linear + last_linear)
+                      + 2 * k * n_tgt * p * d)
+    trained_attention = ctx_attention + k * (blocks * pred_attention + last_attention)
     return {"linear": float(3 * trained_linear + tgt_linear), "attention": float(3 * trained_attention + tgt_attention)}
 
 

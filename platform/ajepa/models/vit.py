@@ -14,7 +14,8 @@ from collections.abc import Iterator
 from functools import partial
 
 import torch
-from timm.models.vision_transformer import Block
+import torch.nn.functional as F
+from timm.models.vision_transformer import Block as TimmBlock
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
@@ -84,19 +85,46 @@ def attention_backend(name: str) -> Iterator[None]:
         yield
 
 
+class Block(TimmBlock):
+    """timm's pre-norm block (it calls F.scaled_dot_product_attention with the attn_mask it is given), which can
+    also return only rows `queries_from`.. of its output: the predictor keeps only its target rows, so its last
+    block computes queries, the out-projection and the MLP for those rows alone (keys and values still come
+    from every row). Exact for the blocks `_make_blocks` builds: no q/k norm, gate or attention dropout."""
+
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None, queries_from: int = 0) -> Tensor:
+        if not queries_from:
+            return super().forward(x, attn_mask=attn_mask)
+        attn = self.attn
+        b, n, _ = x.shape
+        h = self.norm1(x)
+        q_weight, kv_weight = attn.qkv.weight.split([attn.attn_dim, 2 * attn.attn_dim])
+        q_bias, kv_bias = attn.qkv.bias.split([attn.attn_dim, 2 * attn.attn_dim])
+        q = F.linear(h[:, queries_from:], q_weight, q_bias).view(b, n - queries_from, attn.num_heads, -1)
+        k, v = F.linear(h, kv_weight, kv_bias).view(b, n, 2, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=attn_mask)
+        out = attn.proj(out.transpose(1, 2).reshape(b, n - queries_from, attn.attn_dim))
+        x = x[:, queries_from:] + self.drop_path1(self.ls1(out))
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+
+
 def run_blocks(blocks: nn.ModuleList, x: Tensor, masks: list[Tensor | None], attention: str,
-               grad_checkpointing: bool) -> Tensor:
+               grad_checkpointing: bool, last_queries_from: int = 0) -> Tensor:
     """The transformer blocks in order, under the chosen SDPA kernels; with `grad_checkpointing` (training
-    only) each block's activations are recomputed in the backward pass instead of kept."""
+    only) each block's activations are recomputed in the backward pass instead of kept. With
+    `last_queries_from`, the last block returns only the rows from that index on (Block.forward)."""
     recompute = grad_checkpointing and torch.is_grad_enabled() and x.requires_grad
+    last = len(blocks) - 1
     with attention_backend(attention):
-        for block, mask in zip(blocks, masks, strict=True):
-            x = checkpoint(block, x, attn_mask=mask, use_reentrant=False) if recompute else block(x, attn_mask=mask)
+        for i, (block, mask) in enumerate(zip(blocks, masks, strict=True)):
+            queries_from = last_queries_from if i == last else 0
+            if recompute:
+                x = checkpoint(block, x, attn_mask=mask, queries_from=queries_from, use_reentrant=False)
+            else:
+                x = block(x, attn_mask=mask, queries_from=queries_from)
     return x
 
 
 def _make_blocks(dim: int, depth: int, num_heads: int, mlp_ratio: float, drop_path: float) -> nn.ModuleList:
-    # timm's Block is pre-norm and calls F.scaled_dot_product_attention with the attn_mask it is given.
     rates = torch.linspace(0, drop_path, depth).tolist()
     return nn.ModuleList(
         Block(dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=True, drop_path=rate, norm_layer=_norm_layer)
@@ -217,6 +245,8 @@ class Predictor(nn.Module):
             hidden = ctx_pad.new_zeros(k * b, nc + nt)
             hidden.view(k, b, nc + nt)[:, :, :nc] = ctx_pad
             mask = _key_attn_mask(hidden)
-        x = run_blocks(self.blocks, x, [mask] * len(self.blocks), self.attention, self.grad_checkpointing)
-        x = self.proj(self.norm(x[:, nc:]))
+        # Only the target rows are kept, so the last block computes only theirs.
+        x = run_blocks(self.blocks, x, [mask] * len(self.blocks), self.attention, self.grad_checkpointing,
+                       last_queries_from=nc)
+        x = self.proj(self.norm(x))
         return x.view(k, b, nt, -1).transpose(0, 1)
