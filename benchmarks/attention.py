@@ -65,9 +65,12 @@ def time_call(fn, warmup: int, reps: int, device: torch.device) -> float:
 
 def attention_call(backend: str, batch: int, heads: int, length: int, head_dim: int, backward: bool,
                    device: torch.device, dtype: torch.dtype):
-    q, k, v = (torch.randn(batch, heads, length, head_dim, device=device, dtype=dtype, requires_grad=backward)
-               for _ in range(3))
-    grad = torch.randn_like(q)
+    """One attention call (and its backward) on tensors laid out as the model's: q, k and v are views of one
+    qkv projection (B, N, 3, H, d), and the output gradient arrives (B, N, H, d) from the out-projection, so the
+    kernels see the step's strides. Gradients are returned, not accumulated into leaves from call to call."""
+    qkv = torch.randn(batch, length, 3, heads, head_dim, device=device, dtype=dtype, requires_grad=backward)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    grad = torch.randn(batch, length, heads, head_dim, device=device, dtype=dtype).transpose(1, 2)
     if backend == "flex":
         from torch.nn.attention.flex_attention import flex_attention
 
@@ -81,7 +84,7 @@ def attention_call(backend: str, batch: int, heads: int, length: int, head_dim: 
         with context():
             out = attend(q, k, v)
             if backward:
-                out.backward(grad)
+                torch.autograd.grad(out, qkv, grad)
     return call
 
 
