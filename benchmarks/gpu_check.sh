@@ -11,10 +11,12 @@
 #      the model: this says whether it is worth it);
 #   3. the candidates toward 45% MFU, one setting each on top of the shipped config (batch 128, one round, a
 #      one-step profile):
-#      a. model.pred_heads=8: the predictor's 16 heads are 32 wide, and flash attention runs those shapes at
-#         45-71 TFLOP/s (docs/perf/h100-attention.log), ~30% of the step; it changes the model (on the demo,
-#         64-wide heads probed 4.8 points lower: README, GPU speed), so a gain here needs a quality check;
-#      b. model.autocast_residual=true: a bf16 residual stream, half the bytes for the norms and residual adds;
+#      a. model.pred_heads=8: the predictor's 16 heads are 32 wide, and its flash attention runs at ~100 model
+#         TFLOP/s in the step (docs/perf/h100-gpu-check.log's profile), 15-22% of kernel time; it changes the
+#         model (on the demo, 64-wide heads probed 4.8 points lower: README, GPU speed), so a gain needs a
+#         quality check;
+#      b. model.autocast_residual=true: a bf16 residual stream, half the bytes for the norms and residual adds
+#         (the glue is memory-bound: 41 of RB's 216 ms of kernels in the top twelve alone);
 #      c. run.compile_mode=max-autotune-no-cudagraphs: Triton GEMM templates that can take the GELU / bias glue
 #         into the matmul (autotuning makes the compile slow: the longest limit, and last);
 #   and a summary of every step part's samples/s and MFU, to compare the candidates with part 1.
