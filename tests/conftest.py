@@ -1,6 +1,7 @@
 import contextlib
 import csv
 import io
+import json
 import os
 import pty
 import select
@@ -12,7 +13,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +32,10 @@ _ray_tmp_key = pytest.StashKey[Path]()
 # Object storage: the tests' own S3 server (moto, on 127.0.0.1) and dummy credentials, never the developer's.
 S3_ENDPOINT_ENV = "AWS_ENDPOINT_URL_S3"
 S3_TEST_ENV = {"AWS_ACCESS_KEY_ID": "ajepa-test", "AWS_SECRET_ACCESS_KEY": "ajepa-test", "AWS_REGION": "us-east-1"}
+# Google Cloud Storage: the tests' own emulator (gcp-storage-emulator, on 127.0.0.1), reached through the URI's
+# `scheme` and `endpoint_override`, with a service-account key made for the session. pyarrow's GCS client signs
+# its own tokens with such a key (self-signed JWTs), so nothing asks Google's token server.
+GCS_PROJECT = "ajepa-test"
 
 
 def fresh_user_env(home: Path) -> dict[str, str]:
@@ -57,9 +62,27 @@ def pytest_configure(config: pytest.Config) -> None:
     # torch.compile's kernel and graph caches default to /tmp/torchinductor_<user>, outside HOME: compile tests
     # must compile as a fresh machine does, not reuse what earlier runs left.
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(home / "torchinductor")
-    # Set before any Ray starts, so its workers have them too; the server itself starts with `s3_server`.
+    # Set before any Ray starts, so its workers have them too; the servers start with `s3_server`, `gcs_server`.
     os.environ.update(S3_TEST_ENV)
     os.environ[S3_ENDPOINT_ENV] = f"http://127.0.0.1:{_free_port()}"
+    os.environ["GOOGLE_APPLICATION_CREDENTIALS"] = str(_service_account_key(home / "gcs-key.json"))
+
+
+def _service_account_key(path: Path) -> Path:
+    """A Google service-account key file with a fresh RSA key: the credentials of a real deployment, for the
+    emulator (which accepts any token)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                            serialization.NoEncryption()).decode()
+    path.write_text(json.dumps({
+        "type": "service_account", "project_id": GCS_PROJECT, "private_key_id": "ajepa-test", "private_key": pem,
+        "client_email": f"tests@{GCS_PROJECT}.iam.gserviceaccount.com", "client_id": "1",
+        "token_uri": "http://127.0.0.1:9/token",  # never asked: the client signs its own tokens
+    }))
+    return path
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -83,20 +106,47 @@ def s3_server():
     AWS_ENDPOINT_URL_S3 names; yields that endpoint."""
     endpoint = os.environ[S3_ENDPOINT_ENV]
     port = endpoint.rsplit(":", 1)[1]
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", port],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 60
-    while True:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", int(port))) == 0:
-                break
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError(f"moto server did not start on {endpoint}")
-        time.sleep(0.2)
+    proc = _serve(["moto.server", "-H", "127.0.0.1", "-p", port], int(port), "the moto server")
     yield endpoint
     proc.terminate()
     proc.wait(timeout=30)
+
+
+def _serve(args: list[str], port: int, name: str) -> subprocess.Popen:
+    """A test server started as `python -m ...`, once its port accepts connections."""
+    proc = subprocess.Popen([sys.executable, "-m", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while True:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return proc
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"{name} did not start on 127.0.0.1:{port}")
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="session")
+def gcs_server():
+    """A GCS emulator (gcp-storage-emulator, in memory) on 127.0.0.1; yields its host:port."""
+    port = _free_port()
+    proc = _serve(["gcp_storage_emulator", "start", "--host", "127.0.0.1", "--port", str(port), "--in-memory"],
+                  port, "the GCS emulator")
+    yield f"127.0.0.1:{port}"
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture
+def gcs_bucket(gcs_server) -> Callable[[str], str]:
+    """A new, empty bucket on the GCS emulator: a function from a path inside it to its gs:// URI, whose query
+    (`scheme`, `endpoint_override`) reaches the emulator."""
+    import pyarrow.fs as pafs
+
+    name = f"ajepa-{uuid.uuid4().hex[:12]}"
+    pafs.GcsFileSystem(anonymous=True, scheme="http", endpoint_override=gcs_server,
+                       project_id=GCS_PROJECT).create_dir(name)
+    return lambda path="": f"gs://{name}/{path}".rstrip("/") + f"?scheme=http&endpoint_override={gcs_server}"
 
 
 @pytest.fixture

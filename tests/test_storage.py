@@ -1,8 +1,10 @@
-"""Stores, run folders, checkpoints and resume on a local path, a file:// URI and a real S3 server (moto, started
-on 127.0.0.1 by the `s3_server` fixture): the same jobs, through storage.py."""
+"""Stores, run folders, checkpoints and resume on a local path, a file:// URI, a real S3 server (moto, started on
+127.0.0.1 by the `s3_server` fixture) and a GCS emulator (`gcs_server`): the same jobs, through storage.py."""
 
 import csv
 import json
+import re
+import time
 from pathlib import Path
 
 import mlflow
@@ -23,10 +25,12 @@ def folder(kind: str, name: str, request, tmp_path: Path) -> str:
     """A folder that does not exist yet: a local path, the same as a file:// URI, or a prefix in a new bucket."""
     if kind == "s3":
         return f"{request.getfixturevalue('s3_bucket')}/{name}"
+    if kind == "gs":
+        return request.getfixturevalue("gcs_bucket")(name)
     return str(tmp_path / name) if kind == "path" else f"file://{tmp_path}/{name}"
 
 
-@pytest.fixture(params=["path", "file", "s3"])
+@pytest.fixture(params=["path", "file", "s3", "gs"])
 def where(request, tmp_path) -> str:
     return folder(request.param, "data", request, tmp_path)
 
@@ -83,6 +87,21 @@ def test_bad_uris_are_refused_naming_them(s3_bucket):
     with pytest.raises(StorageError, match=r"^s3://x/runs\?endpoint_override=http://127.0.0.1:9: cannot reach"):
         storage.resolve("s3://x/runs?endpoint_override=http://127.0.0.1:9")  # nothing listens on port 9
     assert not storage.resolve(s3_bucket).is_local
+
+
+def test_bad_gcs_uris_are_refused_naming_them_without_the_clients_15_minutes_of_retries(gcs_bucket, gcs_server,
+                                                                                        monkeypatch):
+    monkeypatch.setattr(storage, "GCS_CHECK_RETRY_SECONDS", 1)
+    query = f"scheme=http&endpoint_override={gcs_server}"
+    with pytest.raises(StorageError, match=rf"^gs://no-such-bucket/runs\?{query}: bucket 'no-such-bucket' does not"):
+        storage.resolve(f"gs://no-such-bucket/runs?{query}")
+    unreachable = "gs://x/runs?scheme=http&endpoint_override=127.0.0.1:9"  # nothing listens on port 9
+    start = time.monotonic()
+    with pytest.raises(StorageError, match=rf"^{re.escape(unreachable)}: cannot reach the storage"):
+        storage.resolve(unreachable)
+    assert time.monotonic() - start < 30
+    runs = storage.resolve(gcs_bucket("runs"))
+    assert not runs.is_local and str(runs) == gcs_bucket("runs") and str(runs / "a") == gcs_bucket("runs/a")
     assert isinstance(storage.StorageError("x"), ConfigError)  # the jobs print it and exit 2
 
 
@@ -125,13 +144,13 @@ def local_store(tones, tmp_path_factory, ray_local) -> Location:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("store_at, out_at", [("path", "file"), ("s3", "s3")])
+@pytest.mark.parametrize("store_at, out_at", [("path", "file"), ("s3", "s3"), ("gs", "gs")])
 def test_store_build_pretraining_checkpoint_and_resume(store_at, out_at, tones, local_store, tmp_path, monkeypatch,
                                                        request):
     """The store built into a local folder (or a bucket), a pretraining run (one Ray Train worker) with --out a
     file:// URI (or the bucket) writing its checkpoints, and a resume from them by the run folder's URI: the run
     continues at its checkpoint, in the same run folder. (A resume by name: test_pretrain.)"""
-    if out_at != "s3":  # the SQLite default is only for local out dirs (tested above)
+    if out_at == "file":  # the SQLite default is only for local out dirs (tested above)
         monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     else:
         monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")

@@ -10,6 +10,8 @@ Facts this relies on (pyarrow 25, Ray 2.60):
   honour: `resolve` passes it as `endpoint_override`. Credentials are not pickled: each process finds its
   own (env vars, ~/.aws, instance profile), so `worker_env` forwards the driver's to Ray's workers.
 - S3 cannot rename a folder (`move` copies each object); local folders rename atomically.
+- pyarrow's GCS client retries a failing call for 15 minutes by default, so an unreachable endpoint would hang
+  the bucket check that long: the check uses its own filesystem with `retry_limit_seconds` set.
 - Ray Train takes `storage_filesystem` with `storage_path` stripped of its scheme (`bucket/runs`).
 - Local paths are made absolute here, on the driver: Train V2 rejects a relative storage path, and a job's
   working directory is not where workers on other nodes look.
@@ -33,10 +35,12 @@ import pyarrow.fs as pafs
 from ajepa.config import ConfigError
 
 SCHEMES = ("file", "s3", "gs", "gcs")
+GCS_SCHEMES = ("gs", "gcs")
 ENDPOINT_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")  # the AWS SDKs' names, most specific first
 # What a worker needs to reach the same buckets as the driver, when they come from the environment.
 CREDENTIAL_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_DEFAULT_REGION",
                   "AWS_PROFILE", *ENDPOINT_ENV, "GOOGLE_APPLICATION_CREDENTIALS")
+GCS_CHECK_RETRY_SECONDS = 15  # how long the bucket check of a gs:// URI retries before it names the URI and stops
 _URI = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 _LOCAL = pafs.LocalFileSystem()
 _reachable: set[tuple[str, str, str]] = set()  # (scheme, bucket, query) checked in this process
@@ -95,10 +99,19 @@ class Location:
         return self._type() == pafs.FileType.File
 
     def files(self, recursive: bool = False) -> list[Location]:
-        """The entries in this folder (every file below it with `recursive`), by path; [] when it is missing."""
-        infos = self.fs.get_file_info(pafs.FileSelector(self.path, recursive=recursive, allow_not_found=True))
-        kinds = (pafs.FileType.File,) if recursive else (pafs.FileType.File, pafs.FileType.Directory)
-        return sorted((dataclasses.replace(self, path=i.path) for i in infos if i.type in kinds), key=lambda x: x.path)
+        """The entries in this folder (every file below it with `recursive`), by path; [] when it is missing.
+
+        A GCS folder's entries come from every object below it: pyarrow lists a GCS subfolder only where it wrote
+        a marker object for it, and files written straight to a path (as every writer here does) make none."""
+        deep = recursive or self.scheme in GCS_SCHEMES
+        infos = self.fs.get_file_info(pafs.FileSelector(self.path, recursive=deep, allow_not_found=True))
+        if recursive:
+            paths = {i.path for i in infos if i.type == pafs.FileType.File}
+        else:
+            prefix = self.path.rstrip("/") + "/"
+            paths = {prefix + i.path[len(prefix):].split("/", 1)[0] for i in infos
+                     if i.type in (pafs.FileType.File, pafs.FileType.Directory)}
+        return [dataclasses.replace(self, path=path) for path in sorted(paths)]
 
     def glob(self, pattern: str) -> list[Location]:
         """Files below this folder whose relative path matches `pattern` part by part (`step_*/*.pt`), by path."""
@@ -134,7 +147,11 @@ class Location:
     def delete(self) -> None:
         """This folder with everything in it, or this file."""
         if self.is_dir():
-            self.fs.delete_dir(self.path)
+            try:
+                self.fs.delete_dir(self.path)
+            except FileNotFoundError:  # GCS: the folder's marker object, which pyarrow deletes last, was never made
+                if self.exists():
+                    raise
         else:
             self.fs.delete_file(self.path)
 
@@ -212,41 +229,45 @@ def resolve(where: str | os.PathLike[str] | Location) -> Location:
     if scheme not in SCHEMES:
         raise StorageError(f"{text}: unknown storage scheme {scheme}://; use a local path or one of "
                            f"{', '.join(s + '://' for s in SCHEMES)}")
-    uri = _with_endpoint(text) if scheme == "s3" else text
-    try:
-        fs, path = pafs.FileSystem.from_uri(uri)
-    except (OSError, ValueError) as exc:  # ArrowInvalid is a ValueError; a region lookup failure an OSError
-        raise StorageError(f"{text}: {exc}") from None
+    uri = text
+    if scheme == "s3" and (endpoint := next((os.environ[k] for k in ENDPOINT_ENV if os.environ.get(k)), None)):
+        uri = _with_default_options(text, endpoint_override=endpoint)
+    fs, path = _from_uri(uri, text)
     if isinstance(fs, pafs.LocalFileSystem):  # file://
         return Location(_LOCAL, path)
     # The user's query only: an endpoint from the environment stays out of printed and recorded URIs.
     location = Location(fs, path.rstrip("/"), scheme, urlsplit(text).query)
-    _check_bucket(location, text)
+    bucket = location.path.split("/", 1)[0]
+    if (scheme, bucket, location.query) not in _reachable:
+        check_fs = location.fs
+        if scheme in GCS_SCHEMES:
+            check_fs = _from_uri(_with_default_options(uri, retry_limit_seconds=GCS_CHECK_RETRY_SECONDS), text)[0]
+        _check_bucket(check_fs, bucket, text)
+        _reachable.add((scheme, bucket, location.query))
     return location
 
 
-def _with_endpoint(uri: str) -> str:
-    """An s3:// URI with the endpoint from AWS_ENDPOINT_URL(_S3), unless it names one itself."""
-    endpoint = next((os.environ[k] for k in ENDPOINT_ENV if os.environ.get(k)), None)
+def _from_uri(uri: str, text: str) -> tuple[pafs.FileSystem, str]:
+    try:
+        return pafs.FileSystem.from_uri(uri)
+    except (OSError, ValueError) as exc:  # ArrowInvalid is a ValueError; a region lookup failure an OSError
+        raise StorageError(f"{text}: {exc}") from None
+
+
+def _with_default_options(uri: str, **options: str | int) -> str:
+    """The URI with `options` added to its query, except those it names itself."""
     parts = urlsplit(uri)
     query = dict(parse_qsl(parts.query))
-    if endpoint is None or "endpoint_override" in query:
-        return uri
-    return urlunsplit(parts._replace(query=urlencode({**query, "endpoint_override": endpoint})))
+    return urlunsplit(parts._replace(query=urlencode({**options, **query})))
 
 
-def _check_bucket(location: Location, text: str) -> None:
-    bucket = location.path.split("/", 1)[0]
-    key = (location.scheme, bucket, location.query)
-    if key in _reachable:
-        return
+def _check_bucket(fs: pafs.FileSystem, bucket: str, text: str) -> None:
     try:
-        kind = location.fs.get_file_info(bucket).type
+        kind = fs.get_file_info(bucket).type
     except OSError as exc:
         raise StorageError(f"{text}: cannot reach the storage ({exc})") from None
     if kind != pafs.FileType.Directory:
         raise StorageError(f"{text}: bucket {bucket!r} does not exist, or these credentials cannot see it")
-    _reachable.add(key)
 
 
 def worker_env() -> dict[str, str]:
