@@ -184,7 +184,8 @@ def test_store_build_pretraining_checkpoint_and_resume(store_at, out_at, tones, 
 
 
 @pytest.mark.slow
-def test_a_sweep_keeps_its_trials_and_tunes_state_in_the_bucket(s3_bucket, local_store, tmp_path, monkeypatch):
+@pytest.mark.parametrize("bucket", ["s3", "gs"])
+def test_a_sweep_keeps_its_trials_and_tunes_state_in_the_bucket(bucket, local_store, tmp_path, monkeypatch, request):
     """Tune's storage (RunConfig and restore with storage_filesystem), each trial's run folder and the results in
     object storage; the trials resolve the sweep's URI in their own processes."""
     from ajepa.sweep import COMPLETED, SweepSettings, run_sweep
@@ -194,10 +195,10 @@ def test_a_sweep_keeps_its_trials_and_tunes_state_in_the_bucket(s3_bucket, local
     space.write_text("optim.lr: {grid: [1.0e-3]}\n")
     cfg = micro_cfg("data.batch_size=2", "run.cpus_per_worker=0.25", "run.torch_threads=1", "run.log_every=2",
                     "run.checkpoint_every=2", "optim.steps=4", "eval.every=4", "eval.max_clips=8", "run.name=sweep",
-                    f"run.out_dir={s3_bucket}/runs")
+                    f"run.out_dir={folder(bucket, 'runs', request, tmp_path)}")
     result = run_sweep(cfg, space, SweepSettings(scheduler="fifo"), store=local_store)
     assert [t.reason for t in result.trials] == [COMPLETED]
-    sweep_dir = storage.resolve(f"{s3_bucket}/runs/sweep")
+    sweep_dir = storage.resolve(folder(bucket, "runs", request, tmp_path)) / "sweep"
     assert str(result.run_dir) == str(sweep_dir) and str(result.results) == str(sweep_dir / "results.csv")
     assert len((sweep_dir / "results.csv").read_text().splitlines()) == 2
     trial = result.trials[0].name
