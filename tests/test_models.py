@@ -371,7 +371,9 @@ def test_compiled_blocks_train_like_eager_ones(mode: str) -> None:
             loss.backward()
             opt.step()
             losses[compiled].append(loss.item())
-    assert counters["stats"]["unique_graphs"] >= graphs + 2  # encoder and predictor blocks really were compiled
+    # Compiled once, whatever the lengths (a recompile per length would cost a GPU step dearly): the context
+    # encoder's blocks, the target encoder's (no gradient), the predictor's and its last one (target rows only).
+    assert counters["stats"]["unique_graphs"] == graphs + 4
     assert losses[True] == pytest.approx(losses[False], rel=1e-4)
 
 
