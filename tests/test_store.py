@@ -222,23 +222,26 @@ def tone_input(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.mark.parametrize("scheme", ["file", "s3"])
+@pytest.mark.parametrize("scheme", ["file", "s3", "gs"])
 def test_a_uri_input_builds_the_store_a_local_path_builds(scheme, tone_input, ray_local, tmp_path, request):
     """The folder and the manifest, as a file:// URI or uploaded to a bucket: listed through that filesystem and
     read by the build's tasks from it, they make the same rows (ids, labels, splits, fbank) as the local path."""
-    if scheme == "s3":
-        where = f"{request.getfixturevalue('s3_bucket')}/input"
-        storage.resolve(where).upload(tone_input)
-    else:
-        where = f"file://{tone_input}"
+    gcs_uri = request.getfixturevalue("gcs_bucket") if scheme == "gs" else None
+    base = f"{request.getfixturevalue('s3_bucket')}/input" if scheme == "s3" else f"file://{tone_input}"
+
+    def uri(name: str) -> str:  # a gs:// URI's query (the emulator's endpoint) comes after its path
+        return gcs_uri(f"input/{name}") if gcs_uri else f"{base}/{name}"
+
+    if scheme != "file":
+        storage.resolve(uri("")).upload(tone_input)
     for name in ("audio/", "manifest.csv"):  # a folder's URI may end in a slash, as `aws s3 ls` shows prefixes
         local = data.build_store(tone_input / name, tmp_path / f"local-{name}", CFG)
-        remote = data.build_store(f"{where}/{name}", tmp_path / f"{scheme}-{name}", CFG)
+        remote = data.build_store(uri(name), tmp_path / f"{scheme}-{name}", CFG)
         assert remote.written == local.written == 8 and remote.failed == 0
         ours, theirs = data.load_store(remote.out), data.load_store(local.out)
         assert ours.ids == theirs.ids and ours.labels == theirs.labels and np.array_equal(ours.fbank, theirs.fbank)
         assert ours.extra == theirs.extra and sorted(set(ours.labels)) == ["high", "low"]
-        assert data.read_stats(remote.out)["source"] == str(storage.resolve(f"{where}/{name}"))
+        assert data.read_stats(remote.out)["source"] == str(storage.resolve(uri(name)))
 
 
 @pytest.mark.parametrize("scheme", ["path", "s3"])
