@@ -89,7 +89,7 @@ class Block(TimmBlock):
     """timm's pre-norm block (it calls F.scaled_dot_product_attention with the attn_mask it is given), which can
     also return only rows `queries_from`.. of its output: the predictor keeps only its target rows, so its last
     block computes queries, the out-projection and the MLP for those rows alone (keys and values still come
-    from every row). Exact for the blocks `_make_blocks` builds: no q/k norm, gate or attention dropout."""
+    from every row). Exact for the blocks `_make_blocks` builds: no q/k or scale norm, gate or attention dropout."""
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None, queries_from: int = 0) -> Tensor:
         if not queries_from:
