@@ -68,6 +68,9 @@ def main() -> None:
             print(f"  pair {pair + 1} ({'this tree' if pair % 2 == 0 else 'commit'} first): this tree "
                   f"{' '.join(f'{x:8.1f}' for x in now_runs[-1])}   commit "
                   f"{' '.join(f'{x:8.1f}' for x in old_runs[-1])} samples/s", flush=True)
+    if len({len(r) for r in now_runs + old_runs}) > 1:
+        raise SystemExit("the two trees' train_throughput.py printed different numbers of figures: "
+                         f"this tree {now_runs[0]}, commit {old_runs[0]}")
     print("figures in train_throughput.py's order (each --family, then their mix if several):")
     for i in range(len(now_runs[0])):
         now, old = (statistics.median(r[i] for r in runs) for runs in (now_runs, old_runs))

@@ -80,16 +80,22 @@ def test_predictor_blocks_are_independent() -> None:
         torch.testing.assert_close(out[:, j], alone[:, 0], rtol=1e-5, atol=1e-5)
 
 
-def test_a_block_computes_only_the_rows_it_returns_and_they_equal_the_full_blocks() -> None:
+@pytest.mark.parametrize("mask_per, options, flop_ratio", [
+    ("key", {}, (18 * 10 + 30 * 2) / (30 * 12)),
+    ("query", {}, (18 * 10 + 30 * 2) / (30 * 12)),
+    ("key", {"qk_norm": True}, 1.0),  # a block the rows-only path does not cover computes every row
+])
+def test_a_block_computes_only_the_rows_it_returns_and_they_equal_the_full_blocks(mask_per, options,
+                                                                                   flop_ratio) -> None:
     """queries_from (the predictor's last block, which keeps only its target rows): the same rows, gradients and
     drop-path draws as the whole block, from fewer FLOPs (counted by torch's FLOP counter)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    block = Block(64, 4, qkv_bias=True, drop_path=0.5).train()
+    block = Block(64, 4, qkv_bias=True, drop_path=0.5, **options).train()
     x = torch.randn(6, 30, 64, requires_grad=True)
-    hidden = torch.rand(6, 30) < 0.3
-    hidden[:, 0] = False  # every query keeps a visible key
-    mask = ~hidden[:, None, None, :]
+    hidden = torch.rand(6, 30 if mask_per == "key" else 30 * 30) < 0.3
+    mask = ~hidden.view(6, 1, -1, 30)
+    mask[..., 0] = True  # every query keeps a visible key
     weights = torch.randn(6, 18, 64)
     results = []
     for queries_from in (0, 12):
@@ -110,7 +116,7 @@ def test_a_block_computes_only_the_rows_it_returns_and_they_equal_the_full_block
         torch.testing.assert_close(g, h, rtol=1e-5, atol=1e-5)
     # Linear-layer FLOPs (12·d² a row; the counter leaves SDPA out on a CPU): queries, out-projection and MLP
     # (10·d²) on the 18 returned rows, keys and values (2·d²) on all 30.
-    assert row_flops / full_flops == pytest.approx((18 * 10 + 30 * 2) / (30 * 12))
+    assert row_flops / full_flops == pytest.approx(flop_ratio)
 
 
 def test_padded_contexts_give_each_clip_what_it_gets_alone() -> None:

@@ -87,6 +87,7 @@ def test_bad_uris_are_refused_naming_them(s3_bucket):
     with pytest.raises(StorageError, match=r"^s3://x/runs\?endpoint_override=http://127.0.0.1:9: cannot reach"):
         storage.resolve("s3://x/runs?endpoint_override=http://127.0.0.1:9")  # nothing listens on port 9
     assert not storage.resolve(s3_bucket).is_local
+    assert isinstance(storage.StorageError("x"), ConfigError)  # the jobs print it and exit 2
 
 
 def test_bad_gcs_uris_are_refused_naming_them_without_the_clients_15_minutes_of_retries(gcs_bucket, gcs_server,
@@ -102,7 +103,6 @@ def test_bad_gcs_uris_are_refused_naming_them_without_the_clients_15_minutes_of_
     assert time.monotonic() - start < 30
     runs = storage.resolve(gcs_bucket("runs"))
     assert not runs.is_local and str(runs) == gcs_bucket("runs") and str(runs / "a") == gcs_bucket("runs/a")
-    assert isinstance(storage.StorageError("x"), ConfigError)  # the jobs print it and exit 2
 
 
 def test_a_location_pickles_with_its_endpoint(s3_bucket, monkeypatch):

@@ -43,7 +43,7 @@ CREDENTIAL_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOK
 GCS_CHECK_RETRY_SECONDS = 15  # how long the bucket check of a gs:// URI retries before it names the URI and stops
 _URI = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 _LOCAL = pafs.LocalFileSystem()
-_reachable: set[tuple[str, str, str]] = set()  # (scheme, bucket, query) checked in this process
+_reachable: set[tuple[str, str, str]] = set()  # (scheme, bucket, query with any endpoint) checked in this process
 
 
 class StorageError(ConfigError):
@@ -238,12 +238,13 @@ def resolve(where: str | os.PathLike[str] | Location) -> Location:
     # The user's query only: an endpoint from the environment stays out of printed and recorded URIs.
     location = Location(fs, path.rstrip("/"), scheme, urlsplit(text).query)
     bucket = location.path.split("/", 1)[0]
-    if (scheme, bucket, location.query) not in _reachable:
+    checked = (scheme, bucket, urlsplit(uri).query)  # the endpoint from the environment included
+    if checked not in _reachable:
         check_fs = location.fs
         if scheme in GCS_SCHEMES:
             check_fs = _from_uri(_with_default_options(uri, retry_limit_seconds=GCS_CHECK_RETRY_SECONDS), text)[0]
         _check_bucket(check_fs, bucket, text)
-        _reachable.add((scheme, bucket, location.query))
+        _reachable.add(checked)
     return location
 
 

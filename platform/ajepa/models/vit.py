@@ -89,11 +89,23 @@ class Block(TimmBlock):
     """timm's pre-norm block (it calls F.scaled_dot_product_attention with the attn_mask it is given), which can
     also return only rows `queries_from`.. of its output: the predictor keeps only its target rows, so its last
     block computes queries, the out-projection and the MLP for those rows alone (keys and values still come
-    from every row). Exact for the blocks `_make_blocks` builds: no q/k or scale norm, gate or attention dropout."""
+    from every row). That path covers the blocks `_make_blocks` builds (qkv bias; no q/k or scale norm, gate or
+    dropout inside the attention); any other computes every row and drops the rest."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        attn = self.attn
+        self._rows_only = (attn.qkv.bias is not None and attn.gate is None and attn.attn_drop.p == 0
+                           and attn.proj_drop.p == 0
+                           and all(isinstance(m, nn.Identity) for m in (attn.q_norm, attn.k_norm, attn.norm)))
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None, queries_from: int = 0) -> Tensor:
         if not queries_from:
             return super().forward(x, attn_mask=attn_mask)
+        if not self._rows_only:
+            return super().forward(x, attn_mask=attn_mask)[:, queries_from:]
+        if attn_mask is not None and attn_mask.size(-2) > 1:  # a mask per query: the returned rows' own
+            attn_mask = attn_mask[..., queries_from:, :]
         attn = self.attn
         b, n, _ = x.shape
         h = self.norm1(x)
