@@ -105,6 +105,16 @@ def test_bad_gcs_uris_are_refused_naming_them_without_the_clients_15_minutes_of_
     assert not runs.is_local and str(runs) == gcs_bucket("runs") and str(runs / "a") == gcs_bucket("runs/a")
 
 
+def test_a_public_gcs_bucket_is_read_without_credentials_through_every_uri_made_from_it(gcs_bucket, monkeypatch):
+    """gs://anonymous@bucket/...: pyarrow's anonymous credentials, kept in the URIs that runs record (a store's)."""
+    written = storage.resolve(gcs_bucket("public/stats.json"))
+    written.write_text("{}")
+    monkeypatch.delenv("GOOGLE_APPLICATION_CREDENTIALS")  # with default credentials this machine has none
+    public = storage.resolve(gcs_bucket("public").replace("gs://", "gs://anonymous@"))
+    assert str(public / "stats.json") == gcs_bucket("public/stats.json").replace("gs://", "gs://anonymous@")
+    assert storage.resolve(str(public / "stats.json")).read_text() == "{}"
+
+
 def test_a_location_pickles_with_its_endpoint(s3_bucket, monkeypatch):
     """Ray ships Locations to tasks and workers: they reach the driver's endpoint without its env vars."""
     import pickle

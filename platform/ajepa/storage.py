@@ -43,7 +43,7 @@ CREDENTIAL_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOK
 GCS_CHECK_RETRY_SECONDS = 15  # how long the bucket check of a gs:// URI retries before it names the URI and stops
 _URI = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 _LOCAL = pafs.LocalFileSystem()
-_reachable: set[tuple[str, str, str]] = set()  # (scheme, bucket, query with any endpoint) checked in this process
+_reachable: set[tuple[str, str, str, bool]] = set()  # (scheme, bucket, query with any endpoint, anonymous) checked
 
 
 class StorageError(ConfigError):
@@ -58,11 +58,13 @@ class Location:
     path: str
     scheme: str = ""  # "" on the local disk
     query: str = ""  # the URI's options (e.g. endpoint_override), kept so that joined URIs resolve the same
+    anonymous: bool = False  # gs://anonymous@bucket/...: a public bucket, read without credentials
 
     def __str__(self) -> str:
         if self.is_local:
             return self.path
-        return f"{self.scheme}://{self.path}" + (f"?{self.query}" if self.query else "")
+        user = "anonymous@" if self.anonymous else ""
+        return f"{self.scheme}://{user}{self.path}" + (f"?{self.query}" if self.query else "")
 
     def __fspath__(self) -> str:
         """Local files pass to APIs that open paths (torch, safetensors, matplotlib); a URI is refused."""
@@ -236,9 +238,11 @@ def resolve(where: str | os.PathLike[str] | Location) -> Location:
     if isinstance(fs, pafs.LocalFileSystem):  # file://
         return Location(_LOCAL, path)
     # The user's query only: an endpoint from the environment stays out of printed and recorded URIs.
-    location = Location(fs, path.rstrip("/"), scheme, urlsplit(text).query)
+    # Of a URI's user part only GCS's "anonymous" is kept: anything else (s3://key:secret@...) stays out of print.
+    anonymous = scheme in GCS_SCHEMES and urlsplit(text).username == "anonymous"
+    location = Location(fs, path.rstrip("/"), scheme, urlsplit(text).query, anonymous)
     bucket = location.path.split("/", 1)[0]
-    checked = (scheme, bucket, urlsplit(uri).query)  # the endpoint from the environment included
+    checked = (scheme, bucket, urlsplit(uri).query, anonymous)  # the endpoint from the environment included
     if checked not in _reachable:
         check_fs = location.fs
         if scheme in GCS_SCHEMES:
