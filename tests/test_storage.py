@@ -103,6 +103,8 @@ def test_bad_gcs_uris_are_refused_naming_them_without_the_clients_15_minutes_of_
     assert time.monotonic() - start < 30
     runs = storage.resolve(gcs_bucket("runs"))
     assert not runs.is_local and str(runs) == gcs_bucket("runs") and str(runs / "a") == gcs_bucket("runs/a")
+    (runs / "a").write_text("x")
+    assert storage.resolve(gcs_bucket("runs/a").replace("gs://", "gcs://")).read_text() == "x"  # the other name
 
 
 def test_a_public_gcs_bucket_is_read_without_credentials_through_every_uri_made_from_it(gcs_bucket, monkeypatch):
