@@ -146,7 +146,7 @@ def gcs_bucket(gcs_server) -> Callable[[str], str]:
     name = f"ajepa-{uuid.uuid4().hex[:12]}"
     pafs.GcsFileSystem(anonymous=True, scheme="http", endpoint_override=gcs_server,
                        project_id=GCS_PROJECT).create_dir(name)
-    return lambda path="": f"gs://{name}/{path}" + f"?scheme=http&endpoint_override={gcs_server}"
+    return lambda path="": f"gs://{name}/{path}?scheme=http&endpoint_override={gcs_server}"
 
 
 @pytest.fixture

@@ -239,8 +239,9 @@ def resolve(where: str | os.PathLike[str] | Location) -> Location:
         return Location(_LOCAL, path)
     # The user's query only: an endpoint from the environment stays out of printed and recorded URIs.
     # Of a URI's user part only GCS's "anonymous" is kept: anything else (s3://key:secret@...) stays out of print.
-    anonymous = scheme in GCS_SCHEMES and urlsplit(text).username == "anonymous"
-    location = Location(fs, path.rstrip("/"), scheme, urlsplit(text).query, anonymous)
+    typed = urlsplit(text)
+    anonymous = scheme in GCS_SCHEMES and typed.username == "anonymous"
+    location = Location(fs, path.rstrip("/"), scheme, typed.query, anonymous)
     bucket = location.path.split("/", 1)[0]
     checked = (scheme, bucket, urlsplit(uri).query, anonymous)  # the endpoint from the environment included
     if checked not in _reachable:
