@@ -277,10 +277,10 @@ class _StepOnly:
 
 
 def _stalled_upload_loop(config):
-    """Two steps, each with a checkpoint report. On the first attempt step 2's upload stalls before its rename
-    (slow storage), and the worker dies during that stall, killing the upload. The worker writes the step
-    it restored, how long each report kept it, and what the killed upload had left (its local copy of the state,
-    in a temp folder of the test's, and its partial file in the run folder) before and after `restore`."""
+    """Two steps, each with a checkpoint report. On the first attempt step 1's upload is slow and step 2's stalls
+    before its rename (slow storage), and the worker dies during that stall, killing the upload. The worker writes
+    the step it restored, how long each report kept it, and what the killed upload had left (its local copy of the
+    state, in a temp folder of the test's, and its partial file in the run folder) before and after `restore`."""
     import ray.train
     from ajepa import storage
     from ajepa.train import runs
@@ -295,9 +295,8 @@ def _stalled_upload_loop(config):
     if first_attempt:
         rename = storage.Location.move_to
 
-        def stalled(self, dest):
-            if dest.parent.name == "step_00000002":
-                time.sleep(120)
+        def stalled(self, dest):  # step 1's upload slow too: still going when step 2's report returns
+            time.sleep({"step_00000001": 2, "step_00000002": 120}.get(dest.parent.name, 0))
             rename(self, dest)
 
         storage.Location.move_to = stalled
@@ -312,8 +311,11 @@ def _stalled_upload_loop(config):
         record["blocked"].append(time.perf_counter() - start)
         (out / f"{'first' if first_attempt else 'restart'}.json").write_text(json.dumps(record))
         if first_attempt and trainer.step == 2:
+            # Step 2's own partial file: step 1's upload writes one too, and under load it may still be uploading
+            # here (uploads run one at a time, so step 2's partial means step 1 is complete).
+            stalled_partial = config["run_dir"] / "step_00000002" / ".state.pt.partial"
             deadline = time.monotonic() + 60
-            while leftovers()[1] == 0 and time.monotonic() < deadline:  # the upload is in its stalled rename
+            while not stalled_partial.exists() and time.monotonic() < deadline:  # the upload is in its stalled rename
                 time.sleep(0.05)
             (out / "killed").write_text("")
             os._exit(1)
