@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from ajepa.config import COMPILE_MODES, ModelConfig
+from ajepa.config import COMPILE_MODES, PRED_CONTEXTS, ModelConfig
 from ajepa.models.ajepa import AJEPA, jepa_loss
 from ajepa.models.flops import flops_split
 from ajepa.models.vit import Block, Predictor, VisionTransformer, apply_masks, sincos_pos_embed_2d
@@ -69,9 +69,10 @@ def test_apply_masks() -> None:
     assert torch.equal(out[0], x[0, [4, 0]]) and torch.equal(out[1], x[1, [1, 1]])
 
 
-def test_predictor_blocks_are_independent() -> None:
+@pytest.mark.parametrize("pred_context", PRED_CONTEXTS)
+def test_predictor_blocks_are_independent(pred_context: str) -> None:
     """Batched K blocks equal running each block alone (no cross-talk between stacked blocks)."""
-    pred = Predictor(TINY).eval()
+    pred = Predictor(dataclasses.replace(TINY, pred_context=pred_context)).eval()
     ctx_idx, tgt_idx = make_masks(2, 64, 20, 3, 6)
     ctx = torch.randn(2, 20, 192)
     out = pred(ctx, ctx_idx, tgt_idx)
@@ -119,10 +120,76 @@ def test_a_block_computes_only_the_rows_it_returns_and_they_equal_the_full_block
     assert row_flops / full_flops == pytest.approx(flop_ratio)
 
 
-def test_padded_contexts_give_each_clip_what_it_gets_alone() -> None:
+def _masked_sequence_reference(pred: Predictor, ctx: torch.Tensor, ctx_idx: torch.Tensor, tgt_idx: torch.Tensor,
+                               ctx_pad: torch.Tensor) -> torch.Tensor:
+    """What model.pred_context=shared stands for, spelled out: one sequence per clip, its context and then all
+    its target blocks, through timm's ordinary block with an explicit mask (context rows see the context; a
+    target block's rows see the context and their own block; padding is seen by none)."""
+    b, k, nt = tgt_idx.shape
+    nc = ctx.size(1)
+    x = torch.cat([pred.embed(ctx) + pred.pos_embed[ctx_idx], pred.mask_token + pred.pos_embed[tgt_idx.flatten(1)]],
+                  dim=1)
+    block_of = torch.cat([torch.full((nc,), -1), torch.arange(k).repeat_interleave(nt)])
+    allowed = (block_of[None, :] == -1) | (block_of[:, None] == block_of[None, :])
+    visible = ~torch.cat([ctx_pad, ctx_pad.new_zeros(b, k * nt)], dim=1)
+    mask = allowed[None, None] & visible[:, None, None, :]
+    for block in pred.blocks:
+        x = block(x, attn_mask=mask)
+    return pred.proj(pred.norm(x[:, nc:])).view(b, k, nt, -1)
+
+
+def test_shared_context_predictor_equals_the_masked_sequence_it_stands_for() -> None:
+    """model.pred_context=shared: outputs, input and parameter gradients, padding and drop-path draws equal the
+    masked single-sequence definition (float64), with the context's rows computed once instead of K times."""
+    cfg = dataclasses.replace(TINY, pred_context="shared", pred_depth=3, drop_path=0.5)
+    pred = Predictor(cfg).double().train()
+    ctx_idx, tgt_idx = make_masks(3, 64, 20, 3, 6)
+    pad = torch.zeros(3, 20, dtype=torch.bool)
+    pad[1, 14:] = True
+    ctx = torch.randn(3, 20, 192, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(3, 3, 6, 192, dtype=torch.float64)
+    results = []
+    for run in (pred, lambda *args: _masked_sequence_reference(pred, *args)):
+        torch.manual_seed(1)  # the same drop-path draws
+        out = run(ctx, ctx_idx, tgt_idx, pad)
+        (out * weights).sum().backward()
+        results.append((out.detach(), ctx.grad, [p.grad for p in pred.parameters()]))
+        ctx.grad = None
+        pred.zero_grad(set_to_none=True)
+    (shared, dx, grads), (expected, expected_dx, expected_grads) = results
+    with torch.no_grad():
+        undropped = pred.eval()(ctx, ctx_idx, tgt_idx, pad)
+    assert not torch.allclose(shared, undropped), "drop path drew nothing: the draws were not compared"
+    torch.testing.assert_close(shared, expected, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(dx, expected_dx, rtol=1e-10, atol=1e-10)
+    assert dx[1, 14:].abs().max() == 0, "the padding reached a query"
+    for g, h in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(g, h, rtol=1e-10, atol=1e-10)
+
+
+def test_shared_and_per_target_predictors_load_each_others_weights_and_differ_only_in_the_context_rows() -> None:
+    """The same parameters either way. With two blocks the outputs differ (in per_target the context rows see the
+    mask tokens before the last block reads them), so the option changes the model, not only its speed; with one
+    block, whose context rows give only keys and values, they are equal."""
+    ctx_idx, tgt_idx = make_masks(2, 64, 20, 2, 6)
+    ctx = torch.randn(2, 20, 192)
+    gaps = []
+    for depth in (1, 2):
+        per_target = Predictor(dataclasses.replace(TINY, pred_depth=depth)).eval()
+        for param in per_target.parameters():  # weights whose attention matters (at init the branches are tiny)
+            param.data.normal_(0, 0.3)
+        shared = Predictor(dataclasses.replace(TINY, pred_depth=depth, pred_context="shared")).eval()
+        shared.load_state_dict(per_target.state_dict())
+        with torch.no_grad():
+            gaps.append((shared(ctx, ctx_idx, tgt_idx) - per_target(ctx, ctx_idx, tgt_idx)).abs().max().item())
+    assert gaps[0] < 1e-5 and gaps[1] > 1e-2, gaps  # float32 noise against a real difference
+
+
+@pytest.mark.parametrize("pred_context", PRED_CONTEXTS)
+def test_padded_contexts_give_each_clip_what_it_gets_alone(pred_context: str) -> None:
     """mask.pad_context: a clip whose context is padded to the batch's longest predicts exactly what it predicts
     from its own context alone, unpadded: the padding reaches no query in the context encoder or the predictor."""
-    model = AJEPA(TINY, max_frames=128).eval()
+    model = AJEPA(dataclasses.replace(TINY, pred_context=pred_context), max_frames=128).eval()
     x = torch.randn(2, 128, 128)
     ctx_idx, tgt_idx = make_masks(2, 64, 20, 3, 6)
     lengths = (20, 13)  # clip 1 keeps 13 context patches; its last 7 slots repeat its first patch
@@ -270,19 +337,21 @@ def test_flops_vit_b() -> None:
     assert 0.5 < tflop < 0.8
 
 
-def test_flops_split_counts_the_linear_layers_of_a_real_training_step() -> None:
+@pytest.mark.parametrize("pred_context", PRED_CONTEXTS)
+def test_flops_split_counts_the_linear_layers_of_a_real_training_step(pred_context: str) -> None:
     """torch's FLOP counter over a tiny model's forward and backward (it leaves SDPA out on a CPU) against
     flops_split's linear count, which rates backward at twice the forward everywhere: the patch convolutions'
     input gradient, which the spectrogram does not need, is the only difference."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    model = AJEPA(TINY, max_frames=128)
+    cfg = dataclasses.replace(TINY, pred_context=pred_context)
+    model = AJEPA(cfg, max_frames=128)
     x = torch.randn(2, 128, 128)
     ctx, tgt = make_masks(2, 64, 20, 3, 6)
     with FlopCounterMode(display=False) as flops:
         loss, _ = model(x, ctx, tgt)
         loss.backward()
-    per_clip = flops_split(TINY, 8, 8, n_ctx=20, n_tgt=6, k=3)["linear"]
+    per_clip = flops_split(cfg, 8, 8, n_ctx=20, n_tgt=6, k=3)["linear"]
     conv_input_grad = 2 * 64 * 16**2 * TINY.embed_dim
     assert flops.get_total_flops() == 2 * (per_clip - conv_input_grad)
 
@@ -331,13 +400,14 @@ def test_encoder_and_predictor_run_under_the_configured_kernels(attention: str) 
     torch.testing.assert_close(loss, reference, rtol=1e-4, atol=1e-5)
 
 
-def test_grad_checkpointing_gives_the_same_gradients_and_keeps_fewer_activations() -> None:
+@pytest.mark.parametrize("pred_context", PRED_CONTEXTS)
+def test_grad_checkpointing_gives_the_same_gradients_and_keeps_fewer_activations(pred_context: str) -> None:
     x = torch.randn(2, 128, 128)
     ctx, tgt = make_masks(2, 64, 32, 2, 8)
     results = {}
     for recompute in (False, True):
         torch.manual_seed(0)
-        model = AJEPA(dataclasses.replace(TINY, grad_checkpointing=recompute))
+        model = AJEPA(dataclasses.replace(TINY, grad_checkpointing=recompute, pred_context=pred_context))
         saved: list[int] = []
 
         def pack(t: torch.Tensor, saved: list[int] = saved) -> torch.Tensor:
@@ -355,17 +425,19 @@ def test_grad_checkpointing_gives_the_same_gradients_and_keeps_fewer_activations
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", COMPILE_MODES)
-def test_compiled_blocks_train_like_eager_ones(mode: str) -> None:
+@pytest.mark.parametrize(("mode", "pred_context"), [(mode, "per_target") for mode in COMPILE_MODES]
+                         + [("default", "shared")])
+def test_compiled_blocks_train_like_eager_ones(mode: str, pred_context: str) -> None:
     from torch._dynamo.utils import counters
 
+    torch._dynamo.reset()  # graphs an earlier parametrization compiled would be reused, not counted
     x = torch.randn(2, 128, 128)
     ctx, tgt = make_masks(2, 64, 32, 2, 8)
     losses = {}
     graphs = counters["stats"]["unique_graphs"]
     for compiled in (False, True):
         torch.manual_seed(0)
-        model = AJEPA(TINY)
+        model = AJEPA(dataclasses.replace(TINY, pred_context=pred_context))
         if compiled:
             model.compile_blocks(mode)
         opt = torch.optim.AdamW(model.param_groups(0.0), lr=1e-3)

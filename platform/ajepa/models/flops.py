@@ -46,18 +46,30 @@ def flops_split(cfg: ModelConfig, grid_t: int, grid_f: int, n_ctx: int, n_tgt: i
         total     = 3·(context + predictor) + target
 
     n_tgt is the patch count of one target block, k the number of blocks. The predictor's last block computes
-    only the target rows it keeps.
+    only the target rows it keeps. With model.pred_context=shared the predictor's blocks run on the context once
+    and on the k blocks' rows, each of which attends to n = n_ctx + n_tgt keys: per block the linear layers of
+    n_ctx + k·n_tgt rows (the last block's context rows: keys and values only) and attention of
+    n_ctx² + k·n_tgt·n query-key pairs (the last block: k·n_tgt·n).
     """
     n = grid_t * grid_f
     d, p = cfg.embed_dim, cfg.pred_dim
     ctx_linear, ctx_attention = _encoder_flops(cfg, n, n_ctx)
     tgt_linear, tgt_attention = _encoder_flops(cfg, n, n)
-    pred_linear, pred_attention = _block_flops(n_ctx + n_tgt, p, cfg.mlp_ratio)
-    last_linear, last_attention = _block_flops(n_ctx + n_tgt, p, cfg.mlp_ratio, queries=n_tgt)
     blocks = cfg.pred_depth - 1
-    trained_linear = (ctx_linear + 2 * n_ctx * d * p + k * (blocks * pred_linear + last_linear)
-                      + 2 * k * n_tgt * p * d)
-    trained_attention = ctx_attention + k * (blocks * pred_attention + last_attention)
+    if cfg.pred_context == "shared":
+        ctx_rows_linear, ctx_rows_attention = _block_flops(n_ctx, p, cfg.mlp_ratio)
+        ctx_kv_linear, _ = _block_flops(n_ctx, p, cfg.mlp_ratio, queries=0)
+        tgt_linear_rows, tgt_attention_rows = _block_flops(n_ctx + n_tgt, p, cfg.mlp_ratio, queries=n_tgt)
+        tgt_linear_rows -= ctx_kv_linear  # the keys and values of the context rows are computed once, above
+        pred_linear = blocks * ctx_rows_linear + ctx_kv_linear + cfg.pred_depth * k * tgt_linear_rows
+        pred_attention = blocks * ctx_rows_attention + cfg.pred_depth * k * tgt_attention_rows
+    else:
+        block_linear, block_attention = _block_flops(n_ctx + n_tgt, p, cfg.mlp_ratio)
+        last_linear, last_attention = _block_flops(n_ctx + n_tgt, p, cfg.mlp_ratio, queries=n_tgt)
+        pred_linear = k * (blocks * block_linear + last_linear)
+        pred_attention = k * (blocks * block_attention + last_attention)
+    trained_linear = ctx_linear + 2 * n_ctx * d * p + pred_linear + 2 * k * n_tgt * p * d
+    trained_attention = ctx_attention + pred_attention
     return {"linear": float(3 * trained_linear + tgt_linear), "attention": float(3 * trained_attention + tgt_attention)}
 
 

@@ -12,9 +12,11 @@ import contextlib
 import math
 from collections.abc import Iterator
 from functools import partial
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from timm.layers import DropPath
 from timm.models.vision_transformer import Block as TimmBlock
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -85,12 +87,25 @@ def attention_backend(name: str) -> Iterator[None]:
         yield
 
 
+class SharedLayout(NamedTuple):
+    """The predictor's rows with model.pred_context=shared, one (rows, dim) tensor: B clips' contexts of Nc rows
+    (clip-major), then K target blocks of Nt rows each, block j of clip i at position j*B + i."""
+
+    b: int
+    nc: int
+    k: int
+    nt: int
+
+
 class Block(TimmBlock):
     """timm's pre-norm block (it calls F.scaled_dot_product_attention with the attn_mask it is given), which can
     also return only rows `queries_from`.. of its output: the predictor keeps only its target rows, so its last
     block computes queries, the out-projection and the MLP for those rows alone (keys and values still come
     from every row). That path covers the blocks `_make_blocks` builds (qkv bias; no q/k or scale norm, gate or
-    dropout inside the attention); any other computes every row and drops the rest."""
+    dropout inside the attention); any other computes every row and drops the rest.
+
+    With `layout` (the predictor's model.pred_context=shared, see `SharedLayout`) x is the batch's rows in one
+    (rows, dim) tensor: every clip's context once, then its target blocks; `attn_mask` then hides context keys."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -99,7 +114,10 @@ class Block(TimmBlock):
                            and attn.proj_drop.p == 0
                            and all(isinstance(m, nn.Identity) for m in (attn.q_norm, attn.k_norm, attn.norm)))
 
-    def forward(self, x: Tensor, attn_mask: Tensor | None = None, queries_from: int = 0) -> Tensor:
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None, queries_from: int = 0,
+                layout: SharedLayout | None = None) -> Tensor:
+        if layout is not None:
+            return self._shared_forward(x, attn_mask, layout, context_out=not queries_from)
         if not queries_from:
             return super().forward(x, attn_mask=attn_mask)
         if not self._rows_only:
@@ -118,21 +136,79 @@ class Block(TimmBlock):
         x = x[:, queries_from:] + self.drop_path1(self.ls1(out))
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
+    def _shared_forward(self, x: Tensor, ctx_mask: Tensor | None, layout: SharedLayout, context_out: bool) -> Tensor:
+        """Context rows attend to their clip's context; each target block's rows to that context and their own
+        block. Norms, projections and the MLP run on all rows at once. Without `context_out` (the last block)
+        only the target rows are computed past their keys and values, and returned."""
+        if not self._rows_only:
+            raise ValueError("model.pred_context=shared needs the predictor's own blocks (qkv bias, no q/k norm)")
+        attn = self.attn
+        b, nc, k, nt = layout
+        heads, split = attn.num_heads, b * nc
+        h = self.norm1(x)
+        if context_out:
+            qkv = attn.qkv(h)
+            q_ctx, k_ctx, v_ctx = qkv[:split].view(b, nc, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+            q_tgt, k_tgt, v_tgt = qkv[split:].view(k * b, nt, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        else:
+            q_weight, kv_weight = attn.qkv.weight.split([attn.attn_dim, 2 * attn.attn_dim])
+            q_bias, kv_bias = attn.qkv.bias.split([attn.attn_dim, 2 * attn.attn_dim])
+            kv = F.linear(h, kv_weight, kv_bias)
+            k_ctx, v_ctx = kv[:split].view(b, nc, 2, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+            k_tgt, v_tgt = kv[split:].view(k * b, nt, 2, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+            q_tgt = F.linear(h[split:], q_weight, q_bias).view(k * b, nt, heads, -1).transpose(1, 2)
+        # Target block j of clip i is batch row j*B + i: its keys are clip i's context, then its own rows.
+        keys = torch.cat([k_ctx.expand(k, *k_ctx.shape).flatten(0, 1), k_tgt], dim=2)
+        values = torch.cat([v_ctx.expand(k, *v_ctx.shape).flatten(0, 1), v_tgt], dim=2)
+        tgt_mask = None
+        if ctx_mask is not None:
+            tgt_mask = torch.cat([ctx_mask.expand(k, *ctx_mask.shape).flatten(0, 1),
+                                  ctx_mask.new_ones(k * b, 1, 1, nt)], dim=-1)
+        out = F.scaled_dot_product_attention(q_tgt, keys, values, attn_mask=tgt_mask)
+        out = out.transpose(1, 2).reshape(k * b * nt, attn.attn_dim)
+        if context_out:
+            ctx_out = F.scaled_dot_product_attention(q_ctx, k_ctx, v_ctx, attn_mask=ctx_mask)
+            out = torch.cat([ctx_out.transpose(1, 2).reshape(split, attn.attn_dim), out])
+        else:
+            x = x[split:]
+        first, second = self._clip_scales(x, layout, context_out)
+        x = x + _scaled(self.ls1(attn.proj(out)), first)
+        return x + _scaled(self.ls2(self.mlp(self.norm2(x))), second)
+
+    def _clip_scales(self, x: Tensor, layout: SharedLayout, context_out: bool) -> tuple[Tensor | None, ...]:
+        """Drop path by clip, drawn as timm draws it for a (B, L, D) batch (one draw per clip for each residual
+        branch, in order), each expanded to the clip's rows: its context, then its target blocks."""
+        drop = self.drop_path1
+        if not self.training or not isinstance(drop, DropPath) or not drop.drop_prob:
+            return None, None
+        b, nc, k, nt = layout
+        scales = []
+        for _ in range(2):
+            clip = x.new_empty(b).bernoulli_(1 - drop.drop_prob).div_(1 - drop.drop_prob)
+            rows = clip.repeat(k).repeat_interleave(nt)
+            scales.append((torch.cat([clip.repeat_interleave(nc), rows]) if context_out else rows)[:, None])
+        return tuple(scales)
+
+
+def _scaled(branch: Tensor, scale: Tensor | None) -> Tensor:
+    return branch if scale is None else branch * scale
+
 
 def run_blocks(blocks: nn.ModuleList, x: Tensor, masks: list[Tensor | None], attention: str,
-               grad_checkpointing: bool, last_queries_from: int = 0) -> Tensor:
+               grad_checkpointing: bool, last_queries_from: int = 0, layout: SharedLayout | None = None) -> Tensor:
     """The transformer blocks in order, under the chosen SDPA kernels; with `grad_checkpointing` (training
     only) each block's activations are recomputed in the backward pass instead of kept. With
-    `last_queries_from`, the last block returns only the rows from that index on (Block.forward)."""
+    `last_queries_from`, the last block returns only the rows from that index on; `layout`: Block.forward's."""
     recompute = grad_checkpointing and torch.is_grad_enabled() and x.requires_grad
     last = len(blocks) - 1
     with attention_backend(attention):
         for i, (block, mask) in enumerate(zip(blocks, masks, strict=True)):
             queries_from = last_queries_from if i == last else 0
             if recompute:
-                x = checkpoint(block, x, attn_mask=mask, queries_from=queries_from, use_reentrant=False)
+                x = checkpoint(block, x, attn_mask=mask, queries_from=queries_from, layout=layout,
+                               use_reentrant=False)
             else:
-                x = block(x, attn_mask=mask, queries_from=queries_from)
+                x = block(x, attn_mask=mask, queries_from=queries_from, layout=layout)
     return x
 
 
@@ -220,11 +296,17 @@ class VisionTransformer(nn.Module):
 
 
 class Predictor(nn.Module):
-    """Narrow transformer that predicts target-encoder features at target positions from context tokens."""
+    """Narrow transformer that predicts target-encoder features at target positions from context tokens.
+
+    model.pred_context=per_target (method.md) runs the context with each target block in a sequence of its own,
+    so the context rows attend to that block's mask tokens, and are computed K times. With `shared` each clip's
+    context rows attend only to its context and are computed once; each block's mask tokens still attend to the
+    context and their own block. The same parameters either way: a checkpoint loads into both."""
 
     def __init__(self, cfg: ModelConfig, num_mel_bins: int = 128, max_frames: int = 1024):
         super().__init__()
         p = cfg.patch_size
+        self.shared_context = cfg.pred_context == "shared"
         self.attention, self.grad_checkpointing = cfg.attention, cfg.grad_checkpointing
         self.autocast_residual = cfg.autocast_residual
         self.embed = nn.Linear(cfg.embed_dim, cfg.pred_dim)
@@ -247,6 +329,12 @@ class Predictor(nn.Module):
         context = to_residual_dtype(self.embed(ctx) + self.pos_embed[ctx_idx], self.autocast_residual)
         tgt = tgt_idx.transpose(0, 1).reshape(k * b, nt)
         queries = self.mask_token + self.pos_embed[tgt]  # cast as it is written into x
+        if self.shared_context:
+            x = torch.cat([context.flatten(0, 1), queries.flatten(0, 1).to(context.dtype)])
+            mask = None if ctx_pad is None else _key_attn_mask(ctx_pad)
+            x = run_blocks(self.blocks, x, [mask] * len(self.blocks), self.attention, self.grad_checkpointing,
+                           last_queries_from=b * nc, layout=SharedLayout(b, nc, k, nt))
+            return self.proj(self.norm(x)).view(k, b, nt, -1).transpose(0, 1)
         # All K target blocks in one pass: block j of the batch lives in rows j*B .. (j+1)*B - 1. Writing the
         # context into every block's rows by broadcasting saves the copies of repeat() followed by cat().
         x = context.new_empty(k * b, nc + nt, context.size(-1))
