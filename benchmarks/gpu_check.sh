@@ -11,10 +11,11 @@
 #      the model: this says whether it is worth it);
 #   3. the candidates toward 45% MFU, one setting each on top of the shipped config (batch 128, one round, a
 #      one-step profile):
-#      a. model.pred_heads=8: the predictor's 16 heads are 32 wide, and its flash attention runs at ~100 model
-#         TFLOP/s in the step (docs/perf/h100-gpu-check.log's profile), 15-22% of kernel time; it changes the
-#         model (on the demo, 64-wide heads probed 4.8 points lower: README, GPU speed), so a gain needs a
-#         quality check;
+#      a. model.pred_context=shared: the predictor (57-64% of the step's FLOPs) runs each clip's context once
+#         instead of once per target block, 31% fewer model FLOPs a clip for RB, 35% for TF; it changes the
+#         model (README, GPU speed: its quality check on the demo), so compare samples/s and the projected
+#         GPU-hours, not MFU, which counts the fewer FLOPs. (model.pred_heads=8, 64-wide predictor heads, probed
+#         4.8 points lower on the demo: no longer a candidate here; `--set model.pred_heads=8` by hand.)
 #      b. model.autocast_residual=true: a bf16 residual stream, half the bytes for the norms and residual adds
 #         (the glue is memory-bound: 41 of RB's 216 ms of kernels in the top twelve alone);
 #      c. run.compile_mode=max-autotune-no-cudagraphs: Triton GEMM templates that can take the GELU / bias glue
@@ -48,7 +49,7 @@ part() {  # part SECONDS TITLE SCRIPT ARGS...: one benchmark run under its own t
 part 200 "1. shipped config" train_throughput.py --batch auto --family rb tf --rounds 3 --profile-steps 2
 part 100 "2. attention kernels at the step's shapes" attention.py
 candidate=(train_throughput.py --batch 128 --family rb tf --rounds 1 --profile-steps 1 --profile-rows 6)
-part 75 "3a. model.pred_heads=8" "${candidate[@]}" --set model.pred_heads=8
+part 75 "3a. model.pred_context=shared" "${candidate[@]}" --set model.pred_context=shared
 part 75 "3b. model.autocast_residual=true" "${candidate[@]}" --set model.autocast_residual=true
 part 140 "3c. run.compile_mode=max-autotune-no-cudagraphs" "${candidate[@]}" \
     --set run.compile_mode=max-autotune-no-cudagraphs

@@ -6,6 +6,9 @@ sides there and leaves its ratio alone; this compares the step before and after 
 
     python benchmarks/step_vs_commit.py --commit 065c78f                               # tiny, CPU
     python benchmarks/step_vs_commit.py --commit 065c78f -- --config configs/base.yaml --family rb tf
+    python benchmarks/step_vs_commit.py --commit HEAD --set model.pred_context=shared   # a setting against none
+
+`--set` settings go to this tree's runs only: a config option measured against the same code without it.
 
 Everything after `--` goes to train_throughput.py (default: its own defaults with `--rounds 3`). The last line is
 `ratio: <this tree / the commit>`, the median of the per-pair ratios of the last figure train_throughput prints
@@ -52,19 +55,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--commit", required=True, help="the commit to compare against (any git revision)")
     parser.add_argument("--pairs", type=int, default=5, help="runs of each side, alternating which goes first")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="a config override for this tree's runs only")
     parser.add_argument("bench_args", nargs="*", help="after --: train_throughput.py's arguments")
     args = parser.parse_args()
     bench_args = args.bench_args or ["--rounds", "3"]
+    now_args = bench_args + [arg for setting in args.set for arg in ("--set", setting)]
     with tempfile.TemporaryDirectory(prefix="step-vs-commit-") as tmp:
         old_tree = Path(tmp)
         export(args.commit, old_tree)
         print(f"this tree: {REPO}; commit {args.commit} exported to {old_tree}")
-        print(f"train_throughput.py {' '.join(bench_args)}")
+        settings = f"; this tree's runs with --set {' --set '.join(args.set)}" if args.set else ""
+        print(f"train_throughput.py {' '.join(bench_args)}{settings}")
         now_runs, old_runs = [], []
         for pair in range(args.pairs):
-            order = [(REPO, now_runs), (old_tree, old_runs)]
-            for tree, runs in order if pair % 2 == 0 else order[::-1]:
-                runs.append(ours_rates(tree, bench_args))
+            order = [(REPO, now_runs, now_args), (old_tree, old_runs, bench_args)]
+            for tree, runs, run_args in order if pair % 2 == 0 else order[::-1]:
+                runs.append(ours_rates(tree, run_args))
             print(f"  pair {pair + 1} ({'this tree' if pair % 2 == 0 else 'commit'} first): this tree "
                   f"{' '.join(f'{x:8.1f}' for x in now_runs[-1])}   commit "
                   f"{' '.join(f'{x:8.1f}' for x in old_runs[-1])} samples/s", flush=True)
