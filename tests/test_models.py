@@ -143,11 +143,11 @@ def test_shared_context_predictor_equals_the_masked_sequence_it_stands_for() -> 
     masked single-sequence definition (float64), with the context's rows computed once instead of K times."""
     cfg = dataclasses.replace(TINY, pred_context="shared", pred_depth=3, drop_path=0.5)
     pred = Predictor(cfg).double().train()
-    ctx_idx, tgt_idx = make_masks(3, 64, 20, 3, 6)
-    pad = torch.zeros(3, 20, dtype=torch.bool)
+    ctx_idx, tgt_idx = make_masks(2, 64, 20, 3, 6)  # 2 clips, 3 blocks: a clip-block mix-up changes shapes
+    pad = torch.zeros(2, 20, dtype=torch.bool)
     pad[1, 14:] = True
-    ctx = torch.randn(3, 20, 192, dtype=torch.float64, requires_grad=True)
-    weights = torch.randn(3, 3, 6, 192, dtype=torch.float64)
+    ctx = torch.randn(2, 20, 192, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(2, 3, 6, 192, dtype=torch.float64)
     results = []
     for run in (pred, lambda *args: _masked_sequence_reference(pred, *args)):
         torch.manual_seed(1)  # the same drop-path draws
@@ -171,7 +171,7 @@ def test_shared_and_per_target_predictors_load_each_others_weights_and_differ_on
     """The same parameters either way. With two blocks the outputs differ (in per_target the context rows see the
     mask tokens before the last block reads them), so the option changes the model, not only its speed; with one
     block, whose context rows give only keys and values, they are equal."""
-    ctx_idx, tgt_idx = make_masks(2, 64, 20, 2, 6)
+    ctx_idx, tgt_idx = make_masks(2, 64, 20, 3, 6)
     ctx = torch.randn(2, 20, 192)
     gaps = []
     for depth in (1, 2):
@@ -331,6 +331,19 @@ def test_param_groups() -> None:
     torch.optim.AdamW(model.param_groups(0.05), lr=1e-3)
 
 
+def test_shared_context_attention_flops_count_each_query_key_pair_once() -> None:
+    """The attention half of flops_split (the CPU FLOP counter leaves SDPA out), by hand for pred_context=shared:
+    per predictor block the contexts' Nc x Nc pairs and each target block's Nt x (Nc + Nt), the last block only
+    the targets' pairs; 4·d FLOPs a pair (Q·Kᵀ and A·V). The encoders' attention is the same in both modes."""
+    shared = dataclasses.replace(TINY, pred_context="shared", pred_depth=3)
+    per_target = dataclasses.replace(shared, pred_context="per_target")
+    nc, nt, k, d = 20, 6, 3, shared.pred_dim
+    pairs = {"shared": 2 * nc * nc + 3 * k * nt * (nc + nt), "per_target": k * (2 * (nc + nt) ** 2 + nt * (nc + nt))}
+    encoders = flops_split(shared, 8, 8, nc, nt, k)["attention"] - 3 * 4 * d * pairs["shared"]
+    assert encoders == flops_split(per_target, 8, 8, nc, nt, k)["attention"] - 3 * 4 * d * pairs["per_target"]
+    assert encoders == 3 * shared.depth * 4 * nc * nc * shared.embed_dim + shared.depth * 4 * 64 * 64 * shared.embed_dim
+
+
 def test_flops_vit_b() -> None:
     """method.md: ~0.6 TFLOP per clip per step for ViT-B, 1024x128, default predictor, ~48% context."""
     tflop = sum(flops_split(ModelConfig(), 64, 8, n_ctx=246, n_tgt=90, k=4).values()) / 1e12
@@ -407,7 +420,8 @@ def test_grad_checkpointing_gives_the_same_gradients_and_keeps_fewer_activations
     results = {}
     for recompute in (False, True):
         torch.manual_seed(0)
-        model = AJEPA(dataclasses.replace(TINY, grad_checkpointing=recompute, pred_context=pred_context))
+        model = AJEPA(dataclasses.replace(TINY, grad_checkpointing=recompute, pred_context=pred_context,
+                                          drop_path=0.2))  # the recomputation draws what the forward drew
         saved: list[int] = []
 
         def pack(t: torch.Tensor, saved: list[int] = saved) -> torch.Tensor:
@@ -435,23 +449,27 @@ def test_compiled_blocks_train_like_eager_ones(mode: str, pred_context: str) -> 
     ctx, tgt = make_masks(2, 64, 32, 2, 8)
     losses = {}
     graphs = counters["stats"]["unique_graphs"]
+    pad = torch.zeros(2, 32, dtype=torch.bool)
+    pad[1, 27:] = True  # padded contexts and drop-path draws compiled too (drawn by aten's RNG, as in eager)
     for compiled in (False, True):
         torch.manual_seed(0)
-        model = AJEPA(dataclasses.replace(TINY, pred_context=pred_context))
+        model = AJEPA(dataclasses.replace(TINY, pred_context=pred_context, drop_path=0.2))
         if compiled:
             model.compile_blocks(mode)
         opt = torch.optim.AdamW(model.param_groups(0.0), lr=1e-3)
         losses[compiled] = []
         for step in range(3):
             n = 32 - 4 * step  # the context length changes every step, as masks make it
-            loss, _ = model(x, ctx[:, :n], tgt)
+            with torch._inductor.config.patch(fallback_random=True):
+                loss, _ = model(x, ctx[:, :n], tgt, pad[:, :n])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             losses[compiled].append(loss.item())
     # Compiled once, whatever the lengths (a recompile per length would cost a GPU step dearly): the context
-    # encoder's blocks, the target encoder's (no gradient), the predictor's and its last one (target rows only).
-    assert counters["stats"]["unique_graphs"] == graphs + 4
+    # encoder's blocks, the target encoder's (no gradient), the predictor's and its last one (target rows only),
+    # and apart, the first block of the context encoder and of the predictor (drop-path rate 0: no DropPath).
+    assert counters["stats"]["unique_graphs"] == graphs + 6
     assert losses[True] == pytest.approx(losses[False], rel=1e-4)
 
 

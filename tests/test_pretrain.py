@@ -313,7 +313,7 @@ def _stalled_upload_loop(config):
         if first_attempt and trainer.step == 2:
             # Step 2's own partial file: step 1's upload writes one too, and under load it may still be uploading
             # here (uploads run one at a time, so step 2's partial means step 1 is complete).
-            stalled_partial = config["run_dir"] / "step_00000002" / ".state.pt.partial"
+            stalled_partial = config["run_dir"] / "step_00000002" / f".{trainer.checkpoint_file}.partial"
             deadline = time.monotonic() + 60
             while not stalled_partial.exists() and time.monotonic() < deadline:  # the upload is in its stalled rename
                 time.sleep(0.05)

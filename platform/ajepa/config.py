@@ -88,7 +88,7 @@ class ModelConfig:
     pred_depth: int = 16
     pred_heads: int = 16
     # per_target (method.md): the context rows run with each target block, attending to its mask tokens; shared:
-    # once per clip, attending to the context only (30-34% fewer FLOPs for ViT-B, see models/vit.py Predictor).
+    # once per clip, attending to the context only (31-35% fewer FLOPs for ViT-B, see models/vit.py Predictor).
     pred_context: str = "per_target"
     drop_path: float = 0.0
     loss: str = "mse"  # "mse" (paper) or "smooth_l1" (I-JEPA code)

@@ -59,10 +59,10 @@ def flops_split(cfg: ModelConfig, grid_t: int, grid_f: int, n_ctx: int, n_tgt: i
     if cfg.pred_context == "shared":
         ctx_rows_linear, ctx_rows_attention = _block_flops(n_ctx, p, cfg.mlp_ratio)
         ctx_kv_linear, _ = _block_flops(n_ctx, p, cfg.mlp_ratio, queries=0)
-        tgt_linear_rows, tgt_attention_rows = _block_flops(n_ctx + n_tgt, p, cfg.mlp_ratio, queries=n_tgt)
-        tgt_linear_rows -= ctx_kv_linear  # the keys and values of the context rows are computed once, above
-        pred_linear = blocks * ctx_rows_linear + ctx_kv_linear + cfg.pred_depth * k * tgt_linear_rows
-        pred_attention = blocks * ctx_rows_attention + cfg.pred_depth * k * tgt_attention_rows
+        target_block_linear, target_block_attention = _block_flops(n_ctx + n_tgt, p, cfg.mlp_ratio, queries=n_tgt)
+        target_block_linear -= ctx_kv_linear  # the keys and values of the context rows are computed once, above
+        pred_linear = blocks * ctx_rows_linear + ctx_kv_linear + cfg.pred_depth * k * target_block_linear
+        pred_attention = blocks * ctx_rows_attention + cfg.pred_depth * k * target_block_attention
     else:
         block_linear, block_attention = _block_flops(n_ctx + n_tgt, p, cfg.mlp_ratio)
         last_linear, last_attention = _block_flops(n_ctx + n_tgt, p, cfg.mlp_ratio, queries=n_tgt)

@@ -105,7 +105,9 @@ class Block(TimmBlock):
     dropout inside the attention); any other computes every row and drops the rest.
 
     With `layout` (the predictor's model.pred_context=shared, see `SharedLayout`) x is the batch's rows in one
-    (rows, dim) tensor: every clip's context once, then its target blocks; `attn_mask` then hides context keys."""
+    (rows, dim) tensor: every clip's context once, then its target blocks; `attn_mask` is then a boolean key mask
+    over the contexts, (B, 1, 1, Nc), True = may attend, and `queries_from` is 0 or B * Nc, the first target
+    row: the last block returns the target rows only."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -127,14 +129,20 @@ class Block(TimmBlock):
         attn = self.attn
         b, n, _ = x.shape
         h = self.norm1(x)
-        q_weight, kv_weight = attn.qkv.weight.split([attn.attn_dim, 2 * attn.attn_dim])
-        q_bias, kv_bias = attn.qkv.bias.split([attn.attn_dim, 2 * attn.attn_dim])
-        q = F.linear(h[:, queries_from:], q_weight, q_bias).view(b, n - queries_from, attn.num_heads, -1)
-        k, v = F.linear(h, kv_weight, kv_bias).view(b, n, 2, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=attn_mask)
+        q, kv = self._query_and_key_value(h[:, queries_from:], h)
+        (q,) = _by_head(q, b, n - queries_from, 1, attn.num_heads)
+        k, v = _by_head(kv, b, n, 2, attn.num_heads)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         out = attn.proj(out.transpose(1, 2).reshape(b, n - queries_from, attn.attn_dim))
         x = x[:, queries_from:] + self.drop_path1(self.ls1(out))
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+
+    def _query_and_key_value(self, query_rows: Tensor, key_rows: Tensor) -> tuple[Tensor, Tensor]:
+        """The qkv projection in two parts: queries of `query_rows`, keys and values of `key_rows`."""
+        attn = self.attn
+        q_weight, kv_weight = attn.qkv.weight.split([attn.attn_dim, 2 * attn.attn_dim])
+        q_bias, kv_bias = attn.qkv.bias.split([attn.attn_dim, 2 * attn.attn_dim])
+        return F.linear(query_rows, q_weight, q_bias), F.linear(key_rows, kv_weight, kv_bias)
 
     def _shared_forward(self, x: Tensor, ctx_mask: Tensor | None, layout: SharedLayout, context_out: bool) -> Tensor:
         """Context rows attend to their clip's context; each target block's rows to that context and their own
@@ -144,50 +152,57 @@ class Block(TimmBlock):
             raise ValueError("model.pred_context=shared needs the predictor's own blocks (qkv bias, no q/k norm)")
         attn = self.attn
         b, nc, k, nt = layout
-        heads, split = attn.num_heads, b * nc
+        heads, ctx_rows = attn.num_heads, b * nc
         h = self.norm1(x)
         if context_out:
             qkv = attn.qkv(h)
-            q_ctx, k_ctx, v_ctx = qkv[:split].view(b, nc, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
-            q_tgt, k_tgt, v_tgt = qkv[split:].view(k * b, nt, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+            query_ctx, key_ctx, value_ctx = _by_head(qkv[:ctx_rows], b, nc, 3, heads)
+            query_tgt, key_tgt, value_tgt = _by_head(qkv[ctx_rows:], k * b, nt, 3, heads)
         else:
-            q_weight, kv_weight = attn.qkv.weight.split([attn.attn_dim, 2 * attn.attn_dim])
-            q_bias, kv_bias = attn.qkv.bias.split([attn.attn_dim, 2 * attn.attn_dim])
-            kv = F.linear(h, kv_weight, kv_bias)
-            k_ctx, v_ctx = kv[:split].view(b, nc, 2, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
-            k_tgt, v_tgt = kv[split:].view(k * b, nt, 2, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
-            q_tgt = F.linear(h[split:], q_weight, q_bias).view(k * b, nt, heads, -1).transpose(1, 2)
-        # Target block j of clip i is batch row j*B + i: its keys are clip i's context, then its own rows.
-        keys = torch.cat([k_ctx.expand(k, *k_ctx.shape).flatten(0, 1), k_tgt], dim=2)
-        values = torch.cat([v_ctx.expand(k, *v_ctx.shape).flatten(0, 1), v_tgt], dim=2)
+            q, kv = self._query_and_key_value(h[ctx_rows:], h)
+            (query_tgt,) = _by_head(q, k * b, nt, 1, heads)
+            key_ctx, value_ctx = _by_head(kv[:ctx_rows], b, nc, 2, heads)
+            key_tgt, value_tgt = _by_head(kv[ctx_rows:], k * b, nt, 2, heads)
+        # Target block j of clip i is batch row j*B + i: its keys are clip i's context, then its own rows (one
+        # copy: concatenated as (K, B, ...) and flattened as a view).
+        keys, values = (torch.cat([ctx.expand(k, *ctx.shape), tgt.view(k, b, heads, nt, -1)], dim=3).flatten(0, 1)
+                        for ctx, tgt in ((key_ctx, key_tgt), (value_ctx, value_tgt)))
         tgt_mask = None
         if ctx_mask is not None:
-            tgt_mask = torch.cat([ctx_mask.expand(k, *ctx_mask.shape).flatten(0, 1),
-                                  ctx_mask.new_ones(k * b, 1, 1, nt)], dim=-1)
-        out = F.scaled_dot_product_attention(q_tgt, keys, values, attn_mask=tgt_mask)
+            tgt_mask = torch.cat([ctx_mask.expand(k, *ctx_mask.shape), ctx_mask.new_ones(k, b, 1, 1, nt)],
+                                 dim=-1).flatten(0, 1)
+        out = F.scaled_dot_product_attention(query_tgt, keys, values, attn_mask=tgt_mask)
         out = out.transpose(1, 2).reshape(k * b * nt, attn.attn_dim)
         if context_out:
-            ctx_out = F.scaled_dot_product_attention(q_ctx, k_ctx, v_ctx, attn_mask=ctx_mask)
-            out = torch.cat([ctx_out.transpose(1, 2).reshape(split, attn.attn_dim), out])
+            ctx_out = F.scaled_dot_product_attention(query_ctx, key_ctx, value_ctx, attn_mask=ctx_mask)
+            out = torch.cat([ctx_out.transpose(1, 2).reshape(ctx_rows, attn.attn_dim), out])
         else:
-            x = x[split:]
-        first, second = self._clip_scales(x, layout, context_out)
-        x = x + _scaled(self.ls1(attn.proj(out)), first)
-        return x + _scaled(self.ls2(self.mlp(self.norm2(x))), second)
+            x = x[ctx_rows:]
+        attn_scale, mlp_scale = self._clip_scales(x, layout, context_out)
+        x = x + _scaled(self.ls1(attn.proj(out)), attn_scale)
+        return x + _scaled(self.ls2(self.mlp(self.norm2(x))), mlp_scale)
 
-    def _clip_scales(self, x: Tensor, layout: SharedLayout, context_out: bool) -> tuple[Tensor | None, ...]:
+    def _clip_scales(self, x: Tensor, layout: SharedLayout, context_out: bool) -> tuple[Tensor | None, Tensor | None]:
         """Drop path by clip, drawn as timm draws it for a (B, L, D) batch (one draw per clip for each residual
-        branch, in order), each expanded to the clip's rows: its context, then its target blocks."""
+        branch, in order; timm's Block gives both branches the same rate), each expanded to the clip's rows: its
+        context, then its target blocks."""
         drop = self.drop_path1
         if not self.training or not isinstance(drop, DropPath) or not drop.drop_prob:
             return None, None
         b, nc, k, nt = layout
+        keep = 1 - drop.drop_prob
         scales = []
         for _ in range(2):
-            clip = x.new_empty(b).bernoulli_(1 - drop.drop_prob).div_(1 - drop.drop_prob)
+            clip = x.new_empty(b).bernoulli_(keep).div_(keep)
             rows = clip.repeat(k).repeat_interleave(nt)
             scales.append((torch.cat([clip.repeat_interleave(nc), rows]) if context_out else rows)[:, None])
-        return tuple(scales)
+        return scales[0], scales[1]
+
+
+def _by_head(projection: Tensor, batch: int, length: int, parts: int, heads: int) -> tuple[Tensor, ...]:
+    """A projection of batch x length rows holding `parts` tensors (q, k, v or some of them) -> each as
+    (batch, heads, length, head_dim), the layout SDPA takes."""
+    return projection.view(batch, length, parts, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
 
 
 def _scaled(branch: Tensor, scale: Tensor | None) -> Tensor:
@@ -332,21 +347,20 @@ class Predictor(nn.Module):
         if self.shared_context:
             x = torch.cat([context.flatten(0, 1), queries.flatten(0, 1).to(context.dtype)])
             mask = None if ctx_pad is None else _key_attn_mask(ctx_pad)
-            x = run_blocks(self.blocks, x, [mask] * len(self.blocks), self.attention, self.grad_checkpointing,
-                           last_queries_from=b * nc, layout=SharedLayout(b, nc, k, nt))
-            return self.proj(self.norm(x)).view(k, b, nt, -1).transpose(0, 1)
-        # All K target blocks in one pass: block j of the batch lives in rows j*B .. (j+1)*B - 1. Writing the
-        # context into every block's rows by broadcasting saves the copies of repeat() followed by cat().
-        x = context.new_empty(k * b, nc + nt, context.size(-1))
-        x.view(k, b, nc + nt, -1)[:, :, :nc] = context
-        x[:, nc:] = queries
-        mask = None
-        if ctx_pad is not None:  # every block's rows see their clip's padding; no target query is padding
-            hidden = ctx_pad.new_zeros(k * b, nc + nt)
-            hidden.view(k, b, nc + nt)[:, :, :nc] = ctx_pad
-            mask = _key_attn_mask(hidden)
+            targets_from, layout = b * nc, SharedLayout(b, nc, k, nt)
+        else:
+            # All K target blocks in one pass: block j of the batch lives in rows j*B .. (j+1)*B - 1. Writing the
+            # context into every block's rows by broadcasting saves the copies of repeat() followed by cat().
+            x = context.new_empty(k * b, nc + nt, context.size(-1))
+            x.view(k, b, nc + nt, -1)[:, :, :nc] = context
+            x[:, nc:] = queries
+            mask = None
+            if ctx_pad is not None:  # every block's rows see their clip's padding; no target query is padding
+                hidden = ctx_pad.new_zeros(k * b, nc + nt)
+                hidden.view(k, b, nc + nt)[:, :, :nc] = ctx_pad
+                mask = _key_attn_mask(hidden)
+            targets_from, layout = nc, None
         # Only the target rows are kept, so the last block computes only theirs.
         x = run_blocks(self.blocks, x, [mask] * len(self.blocks), self.attention, self.grad_checkpointing,
-                       last_queries_from=nc)
-        x = self.proj(self.norm(x))
-        return x.view(k, b, nt, -1).transpose(0, 1)
+                       last_queries_from=targets_from, layout=layout)
+        return self.proj(self.norm(x)).view(k, b, nt, -1).transpose(0, 1)
