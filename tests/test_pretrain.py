@@ -491,7 +491,8 @@ def test_failure_after_fit_marks_the_run_failed(tmp_path, small_store, monkeypat
         raise OSError("disk full")
 
     monkeypatch.setattr(pretrain, "export_encoder", broken_export)
-    cfg = micro_cfg("run.workers=1", "run.torch_threads=1", "optim.steps=2", "run.log_every=1",
+    # In process (run.workers=0): the export runs in the driver after fit() either way.
+    cfg = micro_cfg("run.workers=0", "run.torch_threads=1", "optim.steps=2", "run.log_every=1",
                     f"run.out_dir={tmp_path}")
     with pytest.raises(OSError, match="disk full"):
         pretrain.run_pretrain(cfg, store=small_store)
