@@ -41,7 +41,12 @@ def test_job_writes_good_rows_lists_failures_and_exits_0(tmp_path):
     env = {**os.environ, "RAY_ADDRESS": ""}
     done = subprocess.run(job, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert "3 clips written, 5 failed" in done.stdout
+    # In a pipe, plain lines (a bar on a terminal: test_progress) and nothing on stderr.
+    assert done.stderr == "" and not any(c in done.stdout for c in "\r\x1b")
+    lines = done.stdout.splitlines()
+    assert len(lines) == 4  # start, classes, failures file, summary: the build is too short for a progress line
+    assert lines[0] == f"store build: 8 clips from {src} -> {out}"
+    assert lines[-1].startswith("3 clips written, 5 failed (") and lines[-1].endswith(f"-> {out}")
 
     # Each reason is checked by the bad-input catalogue (test_bad_input.py); here, that all five are listed.
     assert sorted(failures(out)) == ["cat/empty.wav", "cat/header.wav", "cat/loop.wav", "cat/nan.wav", "cat/noise.wav"]
