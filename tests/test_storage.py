@@ -155,13 +155,15 @@ def local_store(tones, tmp_path_factory, ray_local) -> Location:
     return data.build_store(tones, tmp_path_factory.mktemp("local") / "store", load_config(None).audio).out
 
 
+# Locally in process (run.workers=0): Ray Train's workers on local folders are every other test's; on buckets they
+# are these, as they resolve the URIs with the credentials and endpoints in their own processes.
 @pytest.mark.slow
-@pytest.mark.parametrize("store_at, out_at", [("path", "file"), ("s3", "s3"), ("gs", "gs")])
-def test_store_build_pretraining_checkpoint_and_resume(store_at, out_at, tones, local_store, tmp_path, monkeypatch,
-                                                       request):
-    """The store built into a local folder (or a bucket), a pretraining run (one Ray Train worker) with --out a
-    file:// URI (or the bucket) writing its checkpoints, and a resume from them by the run folder's URI: the run
-    continues at its checkpoint, in the same run folder. (A resume by name: test_pretrain.)"""
+@pytest.mark.parametrize("store_at, out_at, workers", [("path", "file", 0), ("s3", "s3", 1), ("gs", "gs", 1)])
+def test_store_build_pretraining_checkpoint_and_resume(store_at, out_at, workers, tones, local_store, tmp_path,
+                                                       monkeypatch, request):
+    """The store built into a local folder (or a bucket), a pretraining run (in process, or one Ray Train worker
+    on a bucket) with --out a file:// URI (or the bucket) writing its checkpoints, and a resume from them by the run
+    folder's URI: the run continues at its checkpoint, in the same run folder. (A resume by name: test_pretrain.)"""
     if out_at == "file":  # the SQLite default is only for local out dirs (tested above)
         monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     else:
@@ -175,7 +177,7 @@ def test_store_build_pretraining_checkpoint_and_resume(store_at, out_at, tones, 
     assert data.read_stats(store)["counts"] == {"train": 16, "val": 8, "test": 8}
 
     out = folder(out_at, "runs", request, tmp_path)
-    cfg = micro_cfg("run.workers=1", "run.cpus_per_worker=1", "run.torch_threads=1", "optim.steps=4",
+    cfg = micro_cfg(f"run.workers={workers}", "run.cpus_per_worker=1", "run.torch_threads=1", "optim.steps=4",
                     "run.log_every=2", "run.checkpoint_every=2", "eval.every=4", "run.name=run", f"run.out_dir={out}")
     first = pretrain.run_pretrain(cfg, store=where)
     run_dir = storage.resolve(out) / "run"
