@@ -302,7 +302,7 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, t
 
 @pytest.mark.slow
 def test_asha_stops_the_trial_that_falls_behind_also_against_the_rungs_from_before_an_interruption(
-        tmp_path, tone_store, ray_local):
+        tmp_path, tone_store):
     # Designed: a fine-tuning sweep from scratch whose objective is the reported lr, minimised, one trial at a time
     # in grid order, so the second (10x the lr) is below the first at the first rung (step 2). Interrupted once the
     # first trial has completed and the second has begun, before the second's first rung. Resumed, the second meets
