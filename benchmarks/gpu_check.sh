@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU check of the pretraining step, in one ~8-minute run on one GPU (the parts' limits add up to 590 s).
-# Needs torch, timm, numpy and pyyaml only (no Ray, no MLflow). Prints, for ViT-B on 10 s clips (base.yaml):
+# Needs torch, numpy and pyyaml only (no Ray, no MLflow). Prints, for ViT-B on 10 s clips (base.yaml):
 #   1. the shipped config: RB and TF masks at the largest batch that fits, ours vs the plain loop, the phase
 #      split, host-device syncs inside a step, a short kernel profile, MFU, peak memory, the curriculum mix
 #      and the projected GPU-hours of the AudioSet-2M recipe; the profile sums kernel time by kind (linear,
@@ -32,7 +32,7 @@ logs=$(mktemp -d)
 trap 'rm -rf "$logs"' EXIT
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-$PY -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__)"
+$PY -c "import torch; print('torch', torch.__version__)"
 
 parts=()
 part() {  # part SECONDS TITLE SCRIPT ARGS...: one benchmark run under its own time limit

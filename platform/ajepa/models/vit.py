@@ -16,16 +16,13 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath
-from timm.models.vision_transformer import Block as TimmBlock
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
 from ajepa.config import ModelConfig
 
-# timm's default LayerNorm eps is already 1e-6; spelled out because method.md fixes it.
-_norm_layer = partial(nn.LayerNorm, eps=1e-6)
+_norm_layer = partial(nn.LayerNorm, eps=1e-6)  # method.md fixes the eps
 
 
 def _sincos_1d(dim: int, pos: Tensor) -> Tensor:
@@ -97,69 +94,105 @@ class SharedLayout(NamedTuple):
     nt: int
 
 
-class Block(TimmBlock):
-    """timm's pre-norm block (it calls F.scaled_dot_product_attention with the attn_mask it is given), which can
-    also return only rows `queries_from`.. of its output: the predictor keeps only its target rows, so its last
-    block computes queries, the out-projection and the MLP for those rows alone (keys and values still come
-    from every row). That path covers the blocks `_make_blocks` builds (qkv bias; no q/k or scale norm, gate or
-    dropout inside the attention); any other computes every row and drops the rest.
+class DropPath(nn.Module):
+    """Stochastic depth: each sample's residual branch is zeroed with probability p while training, and the kept
+    ones are scaled by 1 / (1 - p), so the branch's expectation is unchanged."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or not self.p:
+            return x
+        keep = 1 - self.p
+        return x * x.new_empty(x.size(0), *(1,) * (x.dim() - 1)).bernoulli_(keep).div_(keep)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention through F.scaled_dot_product_attention (method.md §2), in the kernels that
+    `attention_backend` allows; qkv is one projection with bias."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"the width {dim} is not divisible by {num_heads} heads")
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, h: Tensor, attn_mask: Tensor | None = None, queries_from: int = 0) -> Tensor:
+        """h (B, N, D) -> (B, N - queries_from, D): rows queries_from.. attend to all N rows."""
+        b, n, dim = h.shape
+        if queries_from:
+            q, kv = self.split_projection(h[:, queries_from:], h)
+            (q,) = _by_head(q, b, n - queries_from, 1, self.num_heads)
+            k, v = _by_head(kv, b, n, 2, self.num_heads)
+        else:
+            q, k, v = _by_head(self.qkv(h), b, n, 3, self.num_heads)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        return self.proj(out.transpose(1, 2).reshape(b, n - queries_from, dim))
+
+    def split_projection(self, query_rows: Tensor, key_rows: Tensor) -> tuple[Tensor, Tensor]:
+        """The qkv projection in two parts: queries of `query_rows`, keys and values of `key_rows`."""
+        dim = self.proj.in_features
+        q_weight, kv_weight = self.qkv.weight.split([dim, 2 * dim])
+        q_bias, kv_bias = self.qkv.bias.split([dim, 2 * dim])
+        return F.linear(query_rows, q_weight, q_bias), F.linear(key_rows, kv_weight, kv_bias)
+
+
+class Mlp(nn.Sequential):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + DropPath(Attention(LN(x))), then x + DropPath(Mlp(LN(x))); one drop-path
+    draw per sample for each branch, attention's first.
+
+    With `queries_from` it returns only rows `queries_from`.. of its output: the predictor keeps only its target
+    rows, so its last block computes queries, the out-projection and the MLP for those rows alone (keys and
+    values still come from every row).
 
     With `layout` (the predictor's model.pred_context=shared, see `SharedLayout`) x is the batch's rows in one
     (rows, dim) tensor: every clip's context once, then its target blocks; `attn_mask` is then a boolean key mask
     over the contexts, (B, 1, 1, Nc), True = may attend, and `queries_from` is 0 or B * Nc, the first target
     row: the last block returns the target rows only."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        attn = self.attn
-        self._rows_only = (attn.qkv.bias is not None and attn.gate is None and attn.attn_drop.p == 0
-                           and attn.proj_drop.p == 0
-                           and all(isinstance(m, nn.Identity) for m in (attn.q_norm, attn.k_norm, attn.norm)))
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, drop_path: float = 0.0):
+        super().__init__()
+        self.norm1 = _norm_layer(dim)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = _norm_layer(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.drop_path = DropPath(drop_path)
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None, queries_from: int = 0,
                 layout: SharedLayout | None = None) -> Tensor:
         if layout is not None:
             return self._shared_forward(x, attn_mask, layout, context_out=not queries_from)
-        if not queries_from:
-            return super().forward(x, attn_mask=attn_mask)
-        if not self._rows_only:
-            return super().forward(x, attn_mask=attn_mask)[:, queries_from:]
-        if attn_mask is not None and attn_mask.size(-2) > 1:  # a mask per query: the returned rows' own
+        if queries_from and attn_mask is not None and attn_mask.size(-2) > 1:  # a mask per query: the kept rows'
             attn_mask = attn_mask[..., queries_from:, :]
-        attn = self.attn
-        b, n, _ = x.shape
-        h = self.norm1(x)
-        q, kv = self._query_and_key_value(h[:, queries_from:], h)
-        (q,) = _by_head(q, b, n - queries_from, 1, attn.num_heads)
-        k, v = _by_head(kv, b, n, 2, attn.num_heads)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-        out = attn.proj(out.transpose(1, 2).reshape(b, n - queries_from, attn.attn_dim))
-        x = x[:, queries_from:] + self.drop_path1(self.ls1(out))
-        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
-
-    def _query_and_key_value(self, query_rows: Tensor, key_rows: Tensor) -> tuple[Tensor, Tensor]:
-        """The qkv projection in two parts: queries of `query_rows`, keys and values of `key_rows`."""
-        attn = self.attn
-        q_weight, kv_weight = attn.qkv.weight.split([attn.attn_dim, 2 * attn.attn_dim])
-        q_bias, kv_bias = attn.qkv.bias.split([attn.attn_dim, 2 * attn.attn_dim])
-        return F.linear(query_rows, q_weight, q_bias), F.linear(key_rows, kv_weight, kv_bias)
+        x = x[:, queries_from:] + self.drop_path(self.attn(self.norm1(x), attn_mask, queries_from))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
 
     def _shared_forward(self, x: Tensor, ctx_mask: Tensor | None, layout: SharedLayout, context_out: bool) -> Tensor:
         """Context rows attend to their clip's context; each target block's rows to that context and their own
         block. Norms, projections and the MLP run on all rows at once. Without `context_out` (the last block)
         only the target rows are computed past their keys and values, and returned."""
-        if not self._rows_only:
-            raise ValueError("model.pred_context=shared needs the predictor's own blocks (qkv bias, no q/k norm)")
         attn = self.attn
         b, nc, k, nt = layout
-        heads, ctx_rows = attn.num_heads, b * nc
+        heads, ctx_rows, dim = attn.num_heads, b * nc, x.size(-1)
         h = self.norm1(x)
         if context_out:
             qkv = attn.qkv(h)
             query_ctx, key_ctx, value_ctx = _by_head(qkv[:ctx_rows], b, nc, 3, heads)
             query_tgt, key_tgt, value_tgt = _by_head(qkv[ctx_rows:], k * b, nt, 3, heads)
         else:
-            q, kv = self._query_and_key_value(h[ctx_rows:], h)
+            q, kv = attn.split_projection(h[ctx_rows:], h)
             (query_tgt,) = _by_head(q, k * b, nt, 1, heads)
             key_ctx, value_ctx = _by_head(kv[:ctx_rows], b, nc, 2, heads)
             key_tgt, value_tgt = _by_head(kv[ctx_rows:], k * b, nt, 2, heads)
@@ -172,25 +205,24 @@ class Block(TimmBlock):
             tgt_mask = torch.cat([ctx_mask.expand(k, *ctx_mask.shape), ctx_mask.new_ones(k, b, 1, 1, nt)],
                                  dim=-1).flatten(0, 1)
         out = F.scaled_dot_product_attention(query_tgt, keys, values, attn_mask=tgt_mask)
-        out = out.transpose(1, 2).reshape(k * b * nt, attn.attn_dim)
+        out = out.transpose(1, 2).reshape(k * b * nt, dim)
         if context_out:
             ctx_out = F.scaled_dot_product_attention(query_ctx, key_ctx, value_ctx, attn_mask=ctx_mask)
-            out = torch.cat([ctx_out.transpose(1, 2).reshape(ctx_rows, attn.attn_dim), out])
+            out = torch.cat([ctx_out.transpose(1, 2).reshape(ctx_rows, dim), out])
         else:
             x = x[ctx_rows:]
         attn_scale, mlp_scale = self._clip_scales(x, layout, context_out)
-        x = x + _scaled(self.ls1(attn.proj(out)), attn_scale)
-        return x + _scaled(self.ls2(self.mlp(self.norm2(x))), mlp_scale)
+        x = x + _scaled(attn.proj(out), attn_scale)
+        return x + _scaled(self.mlp(self.norm2(x)), mlp_scale)
 
     def _clip_scales(self, x: Tensor, layout: SharedLayout, context_out: bool) -> tuple[Tensor | None, Tensor | None]:
-        """Drop path by clip, drawn as timm draws it for a (B, L, D) batch (one draw per clip for each residual
-        branch, in order; timm's Block gives both branches the same rate), each expanded to the clip's rows: its
-        context, then its target blocks."""
-        drop = self.drop_path1
-        if not self.training or not isinstance(drop, DropPath) or not drop.drop_prob:
+        """Drop path by clip, drawn as `forward` draws it for a (B, L, D) batch (one draw per clip for each
+        residual branch, attention's first), each expanded to the clip's rows: its context, then its target
+        blocks."""
+        if not self.training or not self.drop_path.p:
             return None, None
         b, nc, k, nt = layout
-        keep = 1 - drop.drop_prob
+        keep = 1 - self.drop_path.p
         scales = []
         for _ in range(2):
             clip = x.new_empty(b).bernoulli_(keep).div_(keep)
@@ -230,8 +262,7 @@ def run_blocks(blocks: nn.ModuleList, x: Tensor, masks: list[Tensor | None], att
 def _make_blocks(dim: int, depth: int, num_heads: int, mlp_ratio: float, drop_path: float) -> nn.ModuleList:
     rates = torch.linspace(0, drop_path, depth).tolist()
     return nn.ModuleList(
-        Block(dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=True, drop_path=rate, norm_layer=_norm_layer)
-        for rate in rates
+        Block(dim, num_heads, mlp_ratio=mlp_ratio, drop_path=rate) for rate in rates
     )
 
 
