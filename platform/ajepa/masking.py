@@ -431,8 +431,12 @@ def plot_mask_examples(
     k_max = max(cfg.rb_num_targets, cfg.tf_num_targets)
     colours = ["#e6e6e6", "#4c72b0"] + [f"C{1 + k % 9}" for k in range(k_max)]
     cmap = ListedColormap(colours)
-    fig = Figure(figsize=(4.0 * n_examples + 1.6, 2.2 * len(FAMILIES)), layout="constrained")
-    axes = fig.subplots(len(FAMILIES), n_examples, squeeze=False)
+    width, height = 4.0 * n_examples + 1.6, 2.2 * len(FAMILIES)
+    fig = Figure(figsize=(width, height))
+    # Fixed margins in inches rather than a constrained layout, which draws the figure twice to measure it.
+    fig.subplots_adjust(left=0.6 / width, right=1 - 1.3 / width, bottom=0.5 / height, top=1 - 0.5 / height,
+                        wspace=0.15, hspace=0.35)
+    axes = fig.subplots(len(FAMILIES), n_examples, squeeze=False, sharex=True, sharey=True)
     for row, family in enumerate(FAMILIES):
         for col in range(n_examples):
             masks = sample_masks(cfg, grid, 1, step=col, total_steps=1, seed=seed, family=family)
@@ -445,8 +449,10 @@ def plot_mask_examples(
                       vmin=-0.5, vmax=len(colours) - 0.5, interpolation="nearest")
             ax.set_title(f"{family.upper()} #{col + 1}: context {masks.context_fraction:.0%}, "
                          f"targets {masks.target_fraction:.0%}", fontsize=9)
-            ax.set_xlabel("time patch")
-            ax.set_ylabel("freq patch")
+            if row == len(FAMILIES) - 1:
+                ax.set_xlabel("time patch")
+            if col == 0:
+                ax.set_ylabel("freq patch")
         n_targets = masks.targets.shape[1]
         handles = [Patch(color=colours[0], label="unused"), Patch(color=colours[1], label="context")]
         handles += [Patch(color=colours[2 + k], label=f"target {k + 1}") for k in range(n_targets)]
