@@ -482,7 +482,7 @@ def test_compiled_blocks_train_like_eager_ones(mode: str, pred_context: str) -> 
     pad[1, 27:] = True  # padded contexts and drop-path draws compiled too (drawn by aten's RNG, as in eager)
     for compiled in (False, True):
         torch.manual_seed(0)
-        model = AJEPA(dataclasses.replace(TINY, pred_context=pred_context, drop_path=0.2))
+        model = AJEPA(dataclasses.replace(TINY, depth=3, pred_context=pred_context, drop_path=0.2))
         if compiled:
             model.compile_blocks(mode)
         opt = torch.optim.AdamW(model.param_groups(0.0), lr=1e-3)
@@ -495,9 +495,10 @@ def test_compiled_blocks_train_like_eager_ones(mode: str, pred_context: str) -> 
             loss.backward()
             opt.step()
             losses[compiled].append(loss.item())
-    # Compiled once, whatever the lengths (a recompile per length would cost a GPU step dearly): the context
-    # encoder's two blocks (drop-path rates 0 and 0.2), the target encoder's (no gradient, no drop path: one graph
-    # for both), the predictor's first block (rate 0) and its last one (rate 0.2, target rows only).
+    # Compiled once, whatever the lengths (a recompile per length would cost a GPU step dearly) or the drop-path
+    # rates (they grow with depth: a graph per rate would compile each block apart): the context encoder's first
+    # block (rate 0) and its two others (0.1, 0.2), the target encoder's (no gradient, no drop path: one graph for
+    # all), the predictor's first block (rate 0) and its last one (0.2, target rows only).
     assert counters["stats"]["unique_graphs"] == graphs + 5
     assert losses[True] == pytest.approx(losses[False], rel=1e-4)
 

@@ -100,13 +100,19 @@ class DropPath(nn.Module):
 
     def __init__(self, p: float):
         super().__init__()
-        self.p = p
+        self.active = p > 0
+        # The rate as a tensor, not a float: torch.compile specialises on a float attribute, so blocks with
+        # rates that differ (they grow with depth) would each compile their own graph, past its recompile limit.
+        self.register_buffer("keep", torch.tensor(1.0 - p), persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        if not self.training or not self.p:
+        if not self.training or not self.active:
             return x
-        keep = 1 - self.p
-        return x * x.new_empty(x.size(0), *(1,) * (x.dim() - 1)).bernoulli_(keep).div_(keep)
+        return x * self.draw(x, x.size(0)).view(-1, *(1,) * (x.dim() - 1))
+
+    def draw(self, like: Tensor, n: int) -> Tensor:
+        """n samples' scales, in `like`'s dtype and device: 0 with probability p, else 1 / (1 - p)."""
+        return like.new_empty(n).bernoulli_(self.keep).div_(self.keep)
 
 
 class Attention(nn.Module):
@@ -219,13 +225,12 @@ class Block(nn.Module):
         """Drop path by clip, drawn as `forward` draws it for a (B, L, D) batch (one draw per clip for each
         residual branch, attention's first), each expanded to the clip's rows: its context, then its target
         blocks."""
-        if not self.training or not self.drop_path.p:
+        if not self.training or not self.drop_path.active:
             return None, None
         b, nc, k, nt = layout
-        keep = 1 - self.drop_path.p
         scales = []
         for _ in range(2):
-            clip = x.new_empty(b).bernoulli_(keep).div_(keep)
+            clip = self.drop_path.draw(x, b)
             rows = clip.repeat(k).repeat_interleave(nt)
             scales.append((torch.cat([clip.repeat_interleave(nc), rows]) if context_out else rows)[:, None])
         return scales[0], scales[1]
