@@ -497,8 +497,8 @@ def test_compiled_blocks_train_like_eager_ones(mode: str, pred_context: str) -> 
             losses[compiled].append(loss.item())
     # Compiled once, whatever the lengths (a recompile per length would cost a GPU step dearly) or the drop-path
     # rates (they grow with depth: a graph per rate would compile each block apart): the context encoder's first
-    # block (rate 0) and its two others (0.1, 0.2), the target encoder's (no gradient, no drop path: one graph for
-    # all), the predictor's first block (rate 0) and its last one (0.2, target rows only).
+    # block (rate 0) and its two others (0.1 and 0.2: one graph), the target encoder's (no gradient, no drop
+    # path: one graph for all), the predictor's first block (rate 0) and its last one (0.2, target rows only).
     assert counters["stats"]["unique_graphs"] == graphs + 5
     assert losses[True] == pytest.approx(losses[False], rel=1e-4)
 
