@@ -213,12 +213,13 @@ def test_a_sweep_keeps_its_trials_and_tunes_state_in_the_bucket(bucket, tones, r
     assert data.read_stats(store)["counts"] == {"train": 16, "val": 8, "test": 8}
     space = tmp_path / "space.yaml"
     space.write_text("optim.lr: {grid: [1.0e-3]}\n")
+    out = folder(bucket, "runs", request, tmp_path)
     cfg = micro_cfg("data.batch_size=2", "run.cpus_per_worker=0.25", "run.torch_threads=1", "run.log_every=2",
                     "run.checkpoint_every=2", "optim.steps=4", "eval.every=4", "eval.max_clips=8", "run.name=sweep",
-                    f"run.out_dir={folder(bucket, 'runs', request, tmp_path)}")
+                    f"run.out_dir={out}")
     result = run_sweep(cfg, space, SweepSettings(scheduler="fifo"), store=store)
     assert [t.reason for t in result.trials] == [COMPLETED]
-    sweep_dir = storage.resolve(folder(bucket, "runs", request, tmp_path)) / "sweep"
+    sweep_dir = storage.resolve(out) / "sweep"
     assert str(result.run_dir) == str(sweep_dir) and str(result.results) == str(sweep_dir / "results.csv")
     assert len((sweep_dir / "results.csv").read_text().splitlines()) == 2
     trial = result.trials[0].name
