@@ -272,12 +272,14 @@ def interrupt_when(ready: Callable[[], bool]) -> threading.Thread:
 @pytest.mark.slow
 def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, tone_store):
     space = space_file(tmp_path, "optim.lr: {grid: [1.0e-4, 3.0e-4]}\n")
-    # Batches of 1: 16 steps in the one epoch; after the second trial's first checkpoint (step 4) it has 12 steps
-    # and two probes to go, ample time for Tune to stop it.
-    cfg = sweep_cfg(tmp_path, "run.name=resumable", "data.batch_size=1", "optim.steps=16", "run.log_every=4",
-                    "eval.every=8")
+    # Tune stops a running trial once its next report returns (the trial's actor is busy waiting for it; after 10 s
+    # Tune kills it): the trial trains on until its next probe and a moment more. With 12 micro steps left after
+    # its first checkpoint it ended before that; here, batches of 1 (~20 ms a step), probes every 32 steps and the
+    # interruption at the first checkpoint (step 32): it ended by step 128 in runs here, half way.
+    cfg = sweep_cfg(tmp_path, "run.name=resumable", "data.batch_size=1", "optim.steps=256", "run.log_every=32",
+                    "run.checkpoint_every=32", "eval.every=32")
     sweep_dir = tmp_path / "resumable"
-    watcher = interrupt_when(lambda: any(sweep_dir.glob("trial_*_00001/step_00000004")))
+    watcher = interrupt_when(lambda: any(sweep_dir.glob("trial_*_00001/step_00000032")))
     with pytest.raises(KeyboardInterrupt):
         run_sweep(cfg, space, SweepSettings(scheduler="fifo", max_concurrent=1), store=tone_store)
     watcher.join()
@@ -286,6 +288,8 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, t
     client, parent, (first, second) = runs_of(uri, parent_id)
     assert parent.info.status == "KILLED" and first.info.status == "FINISHED" and second.info.status == "KILLED"
     assert second.data.tags["ajepa.stop_reason"] == "interrupted"
+    saved = int(runs.local_checkpoints(sweep_dir / second.info.run_name)[-1].name.removeprefix("step_"))
+    assert saved < 256, "the second trial trained to its end before the interruption landed"
     first_files = {p: p.stat().st_mtime for p in (sweep_dir / first.info.run_name).rglob("*")}
 
     result = run_sweep(load_config(None, [f"run.out_dir={tmp_path}"]), None, SweepSettings(), resume="resumable")
@@ -296,7 +300,8 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, t
     assert client.get_run(first.info.run_id).info.end_time == first.info.end_time, "the finished trial did not run"
     assert {p: p.stat().st_mtime for p in (sweep_dir / first.info.run_name).rglob("*")} == first_files
     losses = sorted(m.step for m in client.get_metric_history(second.info.run_id, "loss"))
-    assert losses.count(4) == 1 and set(losses) == {4, 8, 12, 16}, "the second trial went on from its checkpoint"
+    # Steps up to its checkpoint were trained once (those after it were trained again, from the checkpoint).
+    assert set(losses) == set(range(32, 257, 32)) and all(losses.count(s) == 1 for s in range(32, saved + 1, 32))
     assert children[1].info.status == "FINISHED" and children[1].data.tags["ajepa.stop_reason"] == COMPLETED
 
 
