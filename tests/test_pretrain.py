@@ -23,6 +23,7 @@ from ajepa.models.vit import VisionTransformer
 from ajepa.train import pretrain, runs
 from ajepa.train.pretrain import CheckpointError, Pretrainer, export_encoder, load_checkpoint
 from conftest import MICRO, fake_batch, micro_cfg, run_in_terminal
+from ray.util.state import list_actors
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -259,6 +260,8 @@ def test_killed_worker_is_restarted_and_the_run_completes(tmp_path, small_store,
     stats = data.read_stats(small_store)
     model = load_model(result.run_dir)
     assert (model.mean, model.std, model.window_frames) == (stats["mean"], stats["std"], 128)
+    # A local Ray (runtime.init_ray) has no node to lose to preemption: Train starts no watcher for one.
+    assert not list_actors(filters=[("class_name", "=", "PreemptionWatcher")])
 
 
 class _StepOnly:

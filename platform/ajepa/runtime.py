@@ -26,6 +26,7 @@ from ajepa import storage
 VERBOSE_ENV = "AJEPA_VERBOSE"
 STARTUP_CONCURRENCY = 8
 API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"  # where Ray's State API clients in workers find the dashboard
+PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 # Set by Ray's job supervisor in a submitted job's driver: the job's own runtime_env (from `ray job submit
 # --runtime-env(-json)`, `--working-dir`), which Ray 2.60 merges with the one passed to ray.init.
 JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
@@ -90,6 +91,10 @@ def init_ray(num_cpus: int | None = None) -> None:
         # node) and warns mid-run otherwise. Sized for what these jobs really start.
         dashboard = _free_port()
         env_vars[API_SERVER_ENV] = f"http://127.0.0.1:{dashboard}"
+        # A local Ray is this machine alone: a notice that its node is preempted leaves nothing to move the run
+        # to, so Train's preemption watcher (an actor per run, ~2 CPU-s to start) would watch for nothing.
+        if PREEMPTION_WATCHER_ENV not in os.environ:
+            env_vars[PREEMPTION_WATCHER_ENV] = "0"
         # "local", not None: None would join whatever `ray start` recorded, checked above.
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
                  dashboard_port=dashboard,
