@@ -1,7 +1,9 @@
+from pathlib import Path
+
 import pytest
 from ajepa.config import Config, ConfigError, load_config, save_config
 
-ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def write(tmp_path, text):
@@ -65,6 +67,40 @@ def test_bad_values_name_the_key_and_the_file(tmp_path, text, overrides, fragmen
         load_config(path, overrides)
     assert fragment in str(err.value)
     assert str(path) in str(err.value)
+
+
+def test_a_bad_value_from_an_override_names_the_override_and_one_from_the_file_only_the_file(tmp_path):
+    path = write(tmp_path, "model:\n  depth: 3\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path, ["model.depth=two", "optim.lr=1e-3"])
+    assert str(err.value) == f"{path}, override model.depth=two: model.depth: expected an integer, got 'two'"
+    with pytest.raises(ConfigError) as err:  # the last of repeated overrides is the one that counts
+        load_config(path, ["model.depth=4", "model.depth=0"])
+    assert str(err.value) == f"{path}, override model.depth=0: model.depth: must be >= 1, got 0"
+    with pytest.raises(ConfigError) as err:
+        load_config(path, ["model.depths=4"])
+    assert str(err.value).startswith(f"{path}, override model.depths=4: unknown key model.depths (known: ")
+    with pytest.raises(ConfigError) as err:  # an override of another key leaves the file's error the file's
+        load_config(write(tmp_path, "model:\n  depth: two\n"), ["model.embed_dim=96"])
+    assert str(err.value) == f"{path}: model.depth: expected an integer, got 'two'"
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["optim.steps=0"])
+    assert str(err.value) == "defaults, override optim.steps=0: optim.steps: must be >= 1, got 0"
+
+
+def test_a_mistyped_config_name_lists_the_shipped_ones(tmp_path, monkeypatch, capsys):
+    from ajepa import cli
+
+    assert cli.config_path("small") == ROOT / "configs" / "small.yaml"
+    assert cli.config_path(str(tmp_path / "mine.yaml")) == tmp_path / "mine.yaml"  # a path is taken as it is
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["pretrain", "--config", "smal"])
+    assert exit_.value.code == 2  # argparse's usage error, before anything runs
+    shipped = ", ".join(sorted(p.stem for p in (ROOT / "configs").glob("*.yaml")))
+    assert f"argument --config: 'smal' is neither a file nor a shipped config ({shipped})" in capsys.readouterr().err
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mine").write_text("optim:\n  steps: 5\n")  # a file in the working folder, named without .yaml
+    assert cli.config_path("mine") == Path("mine")
 
 
 def test_unreadable_and_invalid_yaml(tmp_path):

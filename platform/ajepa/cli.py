@@ -14,9 +14,14 @@ CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 
 
 def config_path(value: str) -> Path:
-    """A YAML path, or the name of a shipped config (tiny, small, base, large) in configs/."""
-    named = CONFIG_DIR / f"{value}.yaml"
-    return named if "/" not in value and not value.endswith(".yaml") and named.exists() else Path(value)
+    """A YAML path, or the name of a shipped config in configs/ (tiny, small, base, large, demo, demo-long)."""
+    if "/" not in value and not value.endswith(".yaml"):
+        if (named := CONFIG_DIR / f"{value}.yaml").exists():
+            return named
+        if not Path(value).exists():  # a mistyped name: list the names there are
+            shipped = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+            raise argparse.ArgumentTypeError(f"{value!r} is neither a file nor a shipped config ({shipped})")
+    return Path(value)
 
 
 def _common(parser: argparse.ArgumentParser) -> None:

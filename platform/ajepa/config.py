@@ -17,12 +17,16 @@ import yaml
 
 
 class ConfigError(ValueError):
-    """A configuration value is unknown, mistyped or out of range."""
+    """A configuration value is unknown, mistyped or out of range; `key` is the section.key it is about, if one."""
+
+    def __init__(self, message: str, key: str | None = None):
+        super().__init__(message)
+        self.key = key
 
 
 def _check(ok: bool, key: str, message: str) -> None:
     if not ok:
-        raise ConfigError(f"{key}: {message}")
+        raise ConfigError(f"{key}: {message}", key)
 
 
 def _check_range(key: str, pair: tuple[float, float], lo: float, hi: float) -> None:
@@ -368,23 +372,23 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
     if origin is tuple:
         item_types = typing.get_args(hint)
         if not isinstance(value, (list, tuple)) or len(value) != len(item_types):
-            raise ConfigError(f"{key}: expected a list of {len(item_types)} values, got {value!r}")
+            raise ConfigError(f"{key}: expected a list of {len(item_types)} values, got {value!r}", key)
         return tuple(_coerce(v, t, key) for v, t in zip(value, item_types, strict=True))
     if hint is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+            raise ConfigError(f"{key}: expected true or false, got {value!r}", key)
         return value
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+            raise ConfigError(f"{key}: expected an integer, got {value!r}", key)
         return value
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
+            raise ConfigError(f"{key}: expected a number, got {value!r}", key)
         return float(value)
     if hint is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
+            raise ConfigError(f"{key}: expected a string, got {value!r}", key)
         return value
     raise ConfigError(f"{key}: unsupported field type {hint!r}")
 
@@ -397,7 +401,8 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     unknown = sorted(set(data) - names)
     if unknown:
         where = f"{prefix}." if prefix else ""
-        raise ConfigError(f"unknown key {where}{unknown[0]} (known: {', '.join(sorted(names))})")
+        raise ConfigError(f"unknown key {where}{unknown[0]} (known: {', '.join(sorted(names))})",
+                          f"{where}{unknown[0]}")
     kwargs = {}
     for name, value in data.items():
         key = f"{prefix}.{name}" if prefix else name
@@ -441,7 +446,11 @@ def config_from_dict(data: dict[str, Any], overrides: list[str] = (), source: st
         cfg = _build(Config, merged, "")
         cfg.validate()
     except ConfigError as exc:
-        raise ConfigError(f"{source}: {exc}" if source else str(exc)) from None
+        # A value given as an override is named as such: the file is not where it is wrong.
+        given = next((item for item in reversed(overrides) if exc.key and item.split("=", 1)[0].strip() == exc.key),
+                     None)
+        where = ", ".join(filter(None, [source, given and f"override {given}"]))
+        raise ConfigError(f"{where}: {exc}" if where else str(exc), exc.key) from None
     return cfg
 
 
