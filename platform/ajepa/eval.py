@@ -351,7 +351,8 @@ def load_encoder(checkpoint: str, out: Location, which: str) -> LoadedEncoder:
     elif (path / CHECKPOINT_FILE).exists():
         path = path / CHECKPOINT_FILE
     if not path.is_file():
-        raise EvalError(f"--checkpoint {checkpoint}: no pretraining run or checkpoint there")
+        raise EvalError(f"--checkpoint {checkpoint}: no pretraining run or checkpoint there (looked for a run "
+                        f"folder, a step folder or {CHECKPOINT_FILE} at {path}, and for {out / checkpoint / RUN_FILE})")
     state = load_checkpoint(path)
     cfg = config_from_dict(state["config"], source=str(path))
     prefix = f"{which}_encoder."
