@@ -181,9 +181,16 @@ def test_hash_split_is_deterministic_and_near_the_ratios():
     assert abs(share["train"] - 0.8) < 0.02 and abs(share["val"] - 0.1) < 0.02
 
 
-def test_reading_a_folder_that_is_not_a_store_is_a_clear_error(tmp_path):
-    with pytest.raises(data.StoreError, match="not a spectrogram store"):
+def test_reading_a_folder_or_a_file_that_is_not_a_store_is_a_clear_error(tmp_path):
+    with pytest.raises(data.StoreError) as folder:
         data.train_files(tmp_path)
+    assert str(folder.value) == f"{tmp_path}: not a spectrogram store (no stats.json); build one with " \
+                                "jobs/prepare_data.py"
+    (tmp_path / "clips.csv").write_text("path,label\n")  # a manifest given where its store belongs
+    with pytest.raises(data.StoreError) as file:
+        data.train_files(tmp_path / "clips.csv")
+    assert str(file.value) == f"{tmp_path}/clips.csv: not a spectrogram store (a file); build one with " \
+                              "jobs/prepare_data.py"
 
 
 @pytest.mark.slow

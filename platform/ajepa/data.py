@@ -463,9 +463,9 @@ def read_stats(store: str | Path | Location) -> dict[str, Any]:
     path = storage.resolve(store) / "stats.json"
     try:
         return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise StoreError(f"{store}: not a spectrogram store (no stats.json); build one with "
-                         "jobs/prepare_data.py") from None
+    except (FileNotFoundError, NotADirectoryError) as exc:
+        what = "a file" if isinstance(exc, NotADirectoryError) else "no stats.json"
+        raise StoreError(f"{store}: not a spectrogram store ({what}); build one with jobs/prepare_data.py") from None
     except (OSError, json.JSONDecodeError) as exc:
         raise StoreError(f"{path}: unreadable ({exc})") from None
 
