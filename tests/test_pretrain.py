@@ -474,7 +474,7 @@ def test_job_output_is_progress_and_a_summary_in_a_pipe_and_a_bar_on_a_terminal(
     lines = [line for line in done.stdout.splitlines() if not line.startswith("\x1b[33m(raylet)")]
     assert done.stderr == "" and not any("\r" in line or "\x1b" in line for line in lines)
     assert lines[0].startswith("pretraining pretrain-")
-    assert lines[0].endswith(f"6 steps on 1 worker(s), data {small_store}")
+    assert lines[0].endswith(f"6 steps on 1 worker, data {small_store}")
     for line, step in zip(lines[1:4], (2, 4, 6), strict=True):  # one line per log interval
         assert re.fullmatch(progress_line(step, 6), line), line
     assert re.fullmatch(r"pretrained pretrain-\S+: 6 steps, final loss \d+\.\d{4}", lines[4])
@@ -485,6 +485,7 @@ def test_job_output_is_progress_and_a_summary_in_a_pipe_and_a_bar_on_a_terminal(
     # The bar is the driver's, fed by the same progress queue in process: no Ray Train workers needed (~20 s).
     code, shown = run_in_terminal(pretrain_job(tmp_path / "b", small_store, 4, "--workers", "0"), env, timeout=300)
     assert code == 0, shown
+    assert f"4 steps in this process (run.workers=0), data {small_store}\n" in shown, shown
     assert re.search(rf"\r\x1b\[K{progress_line(2, 4)}\n", shown), shown  # a line kept above the bar
     assert re.search(rf"\r\x1b\[K\[#{{20}}\] {progress_line(4, 4)}\n", shown), shown  # the bar, at its end
 

@@ -418,7 +418,7 @@ def run_finetune(cfg: Config, checkpoint: str | None = None, *, store: str | Pat
     record = {"checkpoint": str(Path(checkpoint).absolute()) if local else checkpoint}
     with runs.open_run(plan, store, params, record) as tracker:
         subset = "" if train_files.keep is None else f" ({clips} of its {stats['counts']['train']} train clips)"
-        print(f"fine-tuning {plan.name}: {cfg.finetune.steps} steps on {max(cfg.run.workers, 1)} worker(s), "
+        print(f"fine-tuning {plan.name}: {cfg.finetune.steps} steps {runs.workers_text(cfg.run.workers)}, "
               f"{len(task.classes)} classes ({task.metric}), encoder {source}, data {store}{subset}", flush=True)
         loop_config = {"mean": stats["mean"], "std": stats["std"], "fbank_shape": data.fbank_shape(stats["audio"]),
                        "store": store, "task": dataclasses.asdict(task), "encoder_state": encoder_state}

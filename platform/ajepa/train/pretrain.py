@@ -297,7 +297,7 @@ def run_pretrain(cfg: Config, *, store: str | Path | Location | None = None, res
                 tracker.log_artifact(stats_file, "data")
             with (plan.run_dir / "masks.png").local_file() as masks:
                 tracker.log_artifact(plot_mask_examples(cfg.mask, grid, masks))
-        print(f"pretraining {plan.name}: {cfg.optim.steps} steps on {max(cfg.run.workers, 1)} worker(s), "
+        print(f"pretraining {plan.name}: {cfg.optim.steps} steps {runs.workers_text(cfg.run.workers)}, "
               f"data {store}", flush=True)
         loop_config = {"mean": stats["mean"], "std": stats["std"], "fbank_shape": data.fbank_shape(stats["audio"]),
                        "eval_store": eval_store}

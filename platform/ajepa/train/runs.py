@@ -301,6 +301,14 @@ def local_checkpoints(run_dir: Path | Location) -> list[Location]:
 # -------------------------------------------------------------------------------------------- driver
 
 
+def workers_text(workers: int) -> str:
+    """Where a run's training loop runs, for the job's first line: run.workers=0 is this process (Ray Train's
+    local mode), not one worker."""
+    if workers == 0:
+        return "in this process (run.workers=0)"
+    return f"on {workers} worker{'s' if workers > 1 else ''}"
+
+
 def resolve_store(cfg: Config, store: str | Path | Location | None) -> Location:
     """--data, else data.store, else the built-in demo store (built on first use): a local path or a URI."""
     from ajepa import data
