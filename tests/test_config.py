@@ -88,7 +88,7 @@ def test_a_bad_value_from_an_override_names_the_override_and_one_from_the_file_o
     assert str(err.value) == "defaults, override optim.steps=0: optim.steps: must be >= 1, got 0"
 
 
-def test_a_mistyped_config_name_lists_the_shipped_ones(tmp_path, monkeypatch, capsys):
+def test_a_mistyped_config_or_space_name_lists_the_shipped_ones(tmp_path, monkeypatch, capsys):
     from ajepa import cli
 
     assert cli.config_path("small") == ROOT / "configs" / "small.yaml"
@@ -101,6 +101,12 @@ def test_a_mistyped_config_name_lists_the_shipped_ones(tmp_path, monkeypatch, ca
     monkeypatch.chdir(tmp_path)
     (tmp_path / "mine").write_text("optim:\n  steps: 5\n")  # a file in the working folder, named without .yaml
     assert cli.config_path("mine") == Path("mine")
+    # The sweep's --space the same way, over search_spaces/.
+    assert cli.space_path("finetune") == ROOT / "search_spaces" / "finetune.yaml"
+    with pytest.raises(SystemExit):
+        cli.main(["sweep", "--space", "mask_curriculm"])
+    spaces = ", ".join(sorted(p.stem for p in (ROOT / "search_spaces").glob("*.yaml")))
+    assert f"'mask_curriculm' is neither a file nor a shipped search space ({spaces})" in capsys.readouterr().err
 
 
 def test_unreadable_and_invalid_yaml(tmp_path):

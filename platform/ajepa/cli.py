@@ -5,23 +5,33 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from ajepa.config import ConfigError, load_config
 from ajepa.runtime import VERBOSE_ENV
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+REPO = Path(__file__).resolve().parents[2]
+CONFIG_DIR, SPACE_DIR = REPO / "configs", REPO / "search_spaces"
 
 
-def config_path(value: str) -> Path:
-    """A YAML path, or the name of a shipped config in configs/ (tiny, small, base, large, demo, demo-long)."""
-    if "/" not in value and not value.endswith(".yaml"):
-        if (named := CONFIG_DIR / f"{value}.yaml").exists():
-            return named
-        if not Path(value).exists():  # a mistyped name: list the names there are
-            shipped = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
-            raise argparse.ArgumentTypeError(f"{value!r} is neither a file nor a shipped config ({shipped})")
-    return Path(value)
+def _path_or_shipped(folder: Path, what: str) -> Callable[[str], Path]:
+    """An argparse type: a YAML path, or the name of a shipped file in `folder` (`base` for configs/base.yaml)."""
+
+    def parse(value: str) -> Path:
+        if "/" not in value and not value.endswith(".yaml"):
+            if (named := folder / f"{value}.yaml").exists():
+                return named
+            if not Path(value).exists():  # a mistyped name: list the names there are
+                shipped = ", ".join(sorted(p.stem for p in folder.glob("*.yaml")))
+                raise argparse.ArgumentTypeError(f"{value!r} is neither a file nor a shipped {what} ({shipped})")
+        return Path(value)
+
+    return parse
+
+
+config_path = _path_or_shipped(CONFIG_DIR, "config")  # tiny, small, base, large, demo, demo-long
+space_path = _path_or_shipped(SPACE_DIR, "search space")  # mask_curriculum, finetune, schedule_ablation
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -83,8 +93,9 @@ def _parser() -> argparse.ArgumentParser:
     sw = sub.add_parser("sweep", help="Ray Tune sweep of pretraining (or fine-tuning) runs over a search space file, "
                                       "ASHA on the online probe, one MLflow parent run with a child run per trial")
     _common(sw)
-    sw.add_argument("--space", type=Path, default=None,
-                    help="search space YAML, e.g. search_spaces/mask_curriculum.yaml (required unless --resume)")
+    sw.add_argument("--space", type=space_path, default=None,
+                    help="search space YAML or a shipped space's name (in search_spaces/: mask_curriculum, finetune, "
+                         "schedule_ablation); required unless --resume")
     sw.add_argument("--job", choices=("pretrain", "finetune"), default="pretrain", help="what each trial runs")
     sw.add_argument("--data", default=None, help="spectrogram store (default: data.store, else the demo store)")
     sw.add_argument("--checkpoint", default=None, metavar="RUN_OR_PATH",
