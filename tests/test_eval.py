@@ -196,7 +196,7 @@ def test_checkpoints_load_as_trained_and_bad_ones_are_named(tmp_path, stores):
                for k, v in exported.encoder.state_dict().items())
     with pytest.raises(EvalError, match="an exported encoder is the target encoder"):
         load_encoder(str(export), tmp_path, "context")
-    with pytest.raises(EvalError) as missing:  # says where it looked: the path as given, and a run of that name
+    with pytest.raises(EvalError) as missing:  # says where it looked: the path as resolved, and a run of that name
         load_encoder("nowhere", tmp_path, "target")
     assert str(missing.value) == ("--checkpoint nowhere: no pretraining run or checkpoint there (looked for a run "
                                   f"folder, a step folder or pretrain.pt at {Path.cwd() / 'nowhere'}, and for "

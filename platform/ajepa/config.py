@@ -437,18 +437,19 @@ def parse_override(item: str) -> tuple[list[str], Any]:
 
 def config_from_dict(data: dict[str, Any], overrides: list[str] = (), source: str = "<dict>") -> Config:
     merged = {k: dict(v) if isinstance(v, dict) else v for k, v in (data or {}).items()}
+    overridden: dict[str, str] = {}  # section.key -> the override that set it last
     try:
         for item in overrides:
             (section, name), value = parse_override(item)
             if not isinstance(merged.setdefault(section, {}), dict):
                 raise ConfigError(f"override {item!r}: {section} is not a section")
             merged[section][name] = value
+            overridden[f"{section}.{name}"] = item
         cfg = _build(Config, merged, "")
         cfg.validate()
     except ConfigError as exc:
         # A value given as an override is named as such: the file is not where it is wrong.
-        given = next((item for item in reversed(overrides) if exc.key and item.split("=", 1)[0].strip() == exc.key),
-                     None)
+        given = overridden.get(exc.key or "")
         where = ", ".join(filter(None, [source, given and f"override {given}"]))
         raise ConfigError(f"{where}: {exc}" if where else str(exc), exc.key) from None
     return cfg
