@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from ajepa import cli, data
-from ajepa.config import load_config
+from ajepa.config import ConfigError, load_config
 from ajepa.models.classifier import Classifier, draw_token_masks
 from ajepa.models.flops import classifier_flops
 from ajepa.train import finetune, runs
@@ -306,5 +306,9 @@ def test_stopped_finetune_resumes_at_its_checkpoint_from_scratch_baseline(tmp_pa
     result = finetune.run_finetune(load_config(None, [f"run.out_dir={tmp_path}"]), resume="stopped",
                                    overrides=["run.workers=0"])
     assert result.step == 6 and result.source.startswith("none (random init")
+    with pytest.raises(ConfigError, match=re.escape("--resume stopped: finetune.head_norm batchnorm (the run's is "
+                                                    "layernorm): a resumed run keeps the model")):
+        finetune.run_finetune(load_config(None, [f"run.out_dir={tmp_path}"]), resume="stopped",
+                              overrides=["finetune.steps=8", "finetune.head_norm=batchnorm"])
     # Logged at every log step (2) and eval step (3), each once: the resumed run started at step 4.
     assert history(result, "loss") == [2, 3, 4, 6] and history(result, "val/acc") == [3, 6]

@@ -520,8 +520,11 @@ def test_ctrl_c_marks_the_run_killed(tmp_path, small_store):
 
 
 @pytest.mark.slow
-def test_in_process_run_keeps_its_checkpoints_and_resumes_from_them(tmp_path, small_store):
-    """run.workers=0 (Ray Train's local mode) keeps no copy of reported checkpoints: ours are in the run folder."""
+def test_in_process_run_keeps_its_checkpoints_and_resumes_from_them_with_the_changes_given(tmp_path, small_store,
+                                                                                        capsys):
+    """run.workers=0 (Ray Train's local mode) keeps no copy of reported checkpoints: ours are in the run folder.
+    A resume's overrides become the run's config; one that changes the model or leaves nothing to train is refused
+    before the run is touched."""
     cfg = micro_cfg("run.workers=0", "run.torch_threads=1", "optim.steps=6", "run.log_every=2",
                     "run.checkpoint_every=2", "eval.every=0", "run.name=inproc", f"run.out_dir={tmp_path}")
     first = pretrain.run_pretrain(cfg, store=small_store)
@@ -532,3 +535,22 @@ def test_in_process_run_keeps_its_checkpoints_and_resumes_from_them(tmp_path, sm
                                     overrides=["optim.steps=8"])
     assert resumed.step == 8, "continued from step 6, not from 0"
     assert [s for s, _ in metric_steps(resumed)] == [2, 4, 6, 8]
+    assert ", resumed at step 6 (optim.steps 6 -> 8)\n" in capsys.readouterr().out
+    run_dir = tmp_path / "inproc"
+    assert json.loads((run_dir / pretrain.RUN_FILE).read_text())["config"]["optim"]["steps"] == 8
+    assert load_config(run_dir / "config.yaml").optim.steps == 8, "a later resume continues with the change"
+    run = mlflow.MlflowClient(resumed.tracking_uri).get_run(resumed.mlflow_run_id)
+    assert run.data.tags["ajepa.changed_at_step_6"] == "optim.steps 6 -> 8" and run.data.params["optim.steps"] == "6"
+
+    record = (run_dir / pretrain.RUN_FILE).read_text()
+    for overrides, refusal in [
+            ([], "--resume inproc: nothing to train: its last checkpoint is step 8 and optim.steps is 8; give more "
+                 "steps"),
+            (["optim.steps=7"], "its last checkpoint is step 8 and optim.steps is 7"),
+            (["optim.steps=12", "model.depth=3", "model.pred_heads=4"],
+             "--resume inproc: model.depth 3 (the run's is 2); model.pred_heads 4 (the run's is 2): a resumed run "
+             "keeps the model its checkpoints hold")]:
+        with pytest.raises(ConfigError, match=re.escape(refusal)):
+            pretrain.run_pretrain(load_config(None, [f"run.out_dir={tmp_path}"]), resume="inproc", overrides=overrides)
+    assert (run_dir / pretrain.RUN_FILE).read_text() == record
+    assert mlflow.MlflowClient(resumed.tracking_uri).get_run(resumed.mlflow_run_id).info.status == "FINISHED"

@@ -50,8 +50,8 @@ class Job:
     eval_key: str  # ... set by this key; any other metric comes every run.log_every steps
 
 
-JOBS = {"pretrain": Job("optim.steps", "probe/linear_val_acc", "probe/", "eval.every"),
-        "finetune": Job("finetune.steps", "val/acc", "val/", "finetune.eval_every")}
+JOBS = {"pretrain": Job(runs.STEPS_KEY["pretrain"], "probe/linear_val_acc", "probe/", "eval.every"),
+        "finetune": Job(runs.STEPS_KEY["finetune"], "val/acc", "val/", "finetune.eval_every")}
 SCHEDULERS = ("asha", "fifo")
 ASHA_REDUCTION = 2  # ASHA keeps the better half of the trials at each rung (rungs at grace x 2^k steps)
 

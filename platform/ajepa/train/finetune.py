@@ -419,7 +419,8 @@ def run_finetune(cfg: Config, checkpoint: str | None = None, *, store: str | Pat
     with runs.open_run(plan, store, params, record) as tracker:
         subset = "" if train_files.keep is None else f" ({clips} of its {stats['counts']['train']} train clips)"
         print(f"fine-tuning {plan.name}: {cfg.finetune.steps} steps {runs.workers_text(cfg.run.workers)}, "
-              f"{len(task.classes)} classes ({task.metric}), encoder {source}, data {store}{subset}", flush=True)
+              f"{len(task.classes)} classes ({task.metric}), encoder {source}, data {store}{subset}"
+              f"{plan.resume_text()}", flush=True)
         loop_config = {"mean": stats["mean"], "std": stats["std"], "fbank_shape": data.fbank_shape(stats["audio"]),
                        "store": store, "task": dataclasses.asdict(task), "encoder_state": encoder_state}
         result = runs.fit(plan, train_loop_per_worker, loop_config, store, cfg.finetune.steps, _progress_text,

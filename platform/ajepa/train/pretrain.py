@@ -298,7 +298,7 @@ def run_pretrain(cfg: Config, *, store: str | Path | Location | None = None, res
             with (plan.run_dir / "masks.png").local_file() as masks:
                 tracker.log_artifact(plot_mask_examples(cfg.mask, grid, masks))
         print(f"pretraining {plan.name}: {cfg.optim.steps} steps {runs.workers_text(cfg.run.workers)}, "
-              f"data {store}", flush=True)
+              f"data {store}{plan.resume_text()}", flush=True)
         loop_config = {"mean": stats["mean"], "std": stats["std"], "fbank_shape": data.fbank_shape(stats["audio"]),
                        "eval_store": eval_store}
         result = runs.fit(plan, train_loop_per_worker, loop_config, store, cfg.optim.steps, _progress_text)

@@ -27,7 +27,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -383,10 +383,48 @@ class RunPlan:
     resumed: bool
     record: dict[str, Any] | None
     trial: SweepTrial | None = None
+    start_step: int = 0  # a resumed run's last checkpoint: where it continues
+    changes: dict[str, tuple[Any, Any]] = field(default_factory=dict)  # key -> (the run's value, the resume's)
+
+    def changes_text(self) -> str:
+        return "; ".join(f"{key} {before} -> {after}" for key, (before, after) in self.changes.items())
+
+    def resume_text(self) -> str:
+        """What a resume continues from, for the job's first line; empty for a new run."""
+        if not self.resumed:
+            return ""
+        return f", resumed at step {self.start_step}" + (f" ({self.changes_text()})" if self.changes else "")
 
     @property
     def run_dir(self) -> Location:
         return self.out / self.name
+
+
+STEPS_KEY = {"pretrain": "optim.steps", "finetune": "finetune.steps"}  # what --steps sets, per training job
+_ENCODER_SHAPE = ("model.patch_size", "model.embed_dim", "model.depth", "model.num_heads", "model.mlp_ratio")
+# The settings that make the weights a job's checkpoints hold: a resumed run keeps them, since other values would
+# not load those weights (or would read them as another model's).
+CHECKPOINT_SHAPE = {"pretrain": _ENCODER_SHAPE + ("model.pred_dim", "model.pred_depth", "model.pred_heads"),
+                    "finetune": _ENCODER_SHAPE + ("finetune.head_norm",)}
+
+
+def check_resumable(job: str, cfg: Config, changes: dict[str, tuple[Any, Any]], run_dir: Location,
+                    resume: str) -> int:
+    """The step a resume continues from (its last checkpoint's, 0 without one). Refused, before anything is
+    written or started: `changes` (the overrides' effect on the run's config) to its model, or a step count
+    that the last checkpoint has already reached, which would train nothing."""
+    if model := [key for key in CHECKPOINT_SHAPE[job] if key in changes]:
+        values = "; ".join(f"{key} {changes[key][1]} (the run's is {changes[key][0]})" for key in model)
+        raise ConfigError(f"--resume {resume}: {values}: a resumed run keeps the model its checkpoints hold; start "
+                          "a new run for another", model[0])
+    checkpoints = local_checkpoints(run_dir)
+    reached = int(checkpoints[-1].name.removeprefix("step_")) if checkpoints else 0
+    steps_key = STEPS_KEY[job]
+    if reached >= (steps := cfg.flat()[steps_key]):
+        raise ConfigError(f"--resume {resume}: nothing to train: its last checkpoint is step {reached} and "
+                          f"{steps_key} is {steps}; give more steps (--steps N, every schedule scales to the new "
+                          "total) to train on", steps_key)
+    return reached
 
 
 def plan_run(job: str, cfg: Config, resume: str | None, overrides: list[str],
@@ -401,7 +439,13 @@ def plan_run(job: str, cfg: Config, resume: str | None, overrides: list[str],
         out, name = resolve_resume(resume, out)
         saved = read_run_file(out / name / RUN_FILE)
         cfg = config_from_dict(saved["config"], overrides, source=str(out / name / RUN_FILE))
-        return RunPlan(job, cfg, out, name, True, saved, trial)
+        if job not in STEPS_KEY:  # a sweep: Tune resumes its trials with the configs they started with
+            return RunPlan(job, cfg, out, name, True, saved, trial)
+        before, after = config_from_dict(saved["config"]).flat(), cfg.flat()
+        changes = {key: (before[key], after[key]) for key in after
+                   if before[key] != after[key] and key != "run.out_dir"}  # where it lives is its folder's
+        start = check_resumable(job, cfg, changes, out / name, resume)
+        return RunPlan(job, cfg, out, name, True, saved, trial, start, changes)
     name = cfg.run.name or new_run_name(job)
     if (out / name).exists():
         raise ConfigError(f"run.name: {out / name} already exists; use --resume {name} to continue it")
@@ -431,14 +475,25 @@ def open_run(plan: RunPlan, store: Location, params: dict[str, Any], record: dic
                                          parent_run_id=trial.parent_run_id if trial else None)
     with tracker if trial is None else _finished_on_return(tracker):
         if not plan.resumed:
-            with (plan.run_dir / "config.yaml").local_file() as config_file:
-                save_config(plan.cfg, config_file)
-                tracker.log_params({**plan.cfg.flat(), **params})
-                tracker.log_artifact(config_file)
+            tracker.log_params({**plan.cfg.flat(), **params})
             plan.record = {"name": plan.name, "store": str(store), "mlflow_run_id": tracker.run_id,
-                          "tracking_uri": uri, "config": plan.cfg.to_dict(), **(record or {})}
-            (plan.run_dir / RUN_FILE).write_text(json.dumps(plan.record, indent=2))
+                           "tracking_uri": uri, "config": plan.cfg.to_dict(), **(record or {})}
+            _save_config(plan, tracker)
+        elif plan.changes:
+            # The resume's overrides are the run's config from its checkpoint on, so a later --resume continues
+            # with them; the MLflow params keep the values the run started with, and a tag says what changed when.
+            tracker.set_tags({f"ajepa.changed_at_step_{plan.start_step}": plan.changes_text()})
+            plan.record["config"] = plan.cfg.to_dict()
+            _save_config(plan, tracker)
         yield tracker
+
+
+def _save_config(plan: RunPlan, tracker: Any) -> None:
+    """config.yaml (also an MLflow artifact) and run.json: the config the run trains with."""
+    with (plan.run_dir / "config.yaml").local_file() as config_file:
+        save_config(plan.cfg, config_file)
+        tracker.log_artifact(config_file)
+    (plan.run_dir / RUN_FILE).write_text(json.dumps(plan.record, indent=2))
 
 
 @contextlib.contextmanager
