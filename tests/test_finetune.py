@@ -310,5 +310,9 @@ def test_stopped_finetune_resumes_at_its_checkpoint_from_scratch_baseline(tmp_pa
                                                     "layernorm): a resumed run keeps the model")):
         finetune.run_finetune(load_config(None, [f"run.out_dir={tmp_path}"]), resume="stopped",
                               overrides=["finetune.steps=8", "finetune.head_norm=batchnorm"])
+    with pytest.raises(ConfigError, match=re.escape(f"--resume stopped: --checkpoint {tmp_path} is not the encoder "
+                                                    "the run started from (none); a resumed run keeps it")):
+        finetune.run_finetune(load_config(None, [f"run.out_dir={tmp_path}"]), str(tmp_path), resume="stopped",
+                              overrides=["finetune.steps=8"])
     # Logged at every log step (2) and eval step (3), each once: the resumed run started at step 4.
     assert history(result, "loss") == [2, 3, 4, 6] and history(result, "val/acc") == [3, 6]

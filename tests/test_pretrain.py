@@ -543,14 +543,18 @@ def test_in_process_run_keeps_its_checkpoints_and_resumes_from_them_with_the_cha
     assert run.data.tags["ajepa.changed_at_step_6"] == "optim.steps 6 -> 8" and run.data.params["optim.steps"] == "6"
 
     record = (run_dir / pretrain.RUN_FILE).read_text()
-    for overrides, refusal in [
-            ([], "--resume inproc: nothing to train: its last checkpoint is step 8 and optim.steps is 8; give more "
-                 "steps"),
-            (["optim.steps=7"], "its last checkpoint is step 8 and optim.steps is 7"),
-            (["optim.steps=12", "model.depth=3", "model.pred_heads=4"],
+    other = tmp_path / "other-store"
+    for overrides, store, refusal in [
+            ([], None, "--resume inproc: nothing to train: its last checkpoint is step 8 and optim.steps is 8; give "
+                       "more steps"),
+            (["optim.steps=7"], None, "its last checkpoint is step 8 and optim.steps is 7"),
+            (["optim.steps=12", "model.depth=3", "model.pred_heads=4"], None,
              "--resume inproc: model.depth 3 (the run's is 2); model.pred_heads 4 (the run's is 2): a resumed run "
-             "keeps the model its checkpoints hold")]:
+             "keeps the model its checkpoints hold"),
+            (["optim.steps=12"], other, f"--resume inproc: {other} is not the store the run reads ({small_store})"),
+            (["optim.steps=12", f"data.store={other}"], None, f"{other} is not the store the run reads")]:
         with pytest.raises(ConfigError, match=re.escape(refusal)):
-            pretrain.run_pretrain(load_config(None, [f"run.out_dir={tmp_path}"]), resume="inproc", overrides=overrides)
+            pretrain.run_pretrain(load_config(None, [f"run.out_dir={tmp_path}"]), store=store, resume="inproc",
+                                  overrides=overrides)
     assert (run_dir / pretrain.RUN_FILE).read_text() == record
     assert mlflow.MlflowClient(resumed.tracking_uri).get_run(resumed.mlflow_run_id).info.status == "FINISHED"

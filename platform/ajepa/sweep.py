@@ -539,7 +539,7 @@ def run_sweep(cfg: Config, space_file: str | Path | Location | None, settings: S
     cfg = plan.cfg
     if plan.resumed:
         settings = SweepSettings(**plan.record["sweep"])
-        space_file, store = plan.run_dir / SPACE_FILE, plan.record["store"]
+        space_file, store = plan.run_dir / SPACE_FILE, runs.resumed_store(plan, store)
     if space_file is None:
         raise ConfigError("--space is required: a search space file (see search_spaces/)")
     settings = settings.resolved()

@@ -386,6 +386,13 @@ def pretrained_encoder(cfg: Config, checkpoint: str) -> tuple[dict[str, Tensor] 
     return encoder.state_dict(), loaded.source
 
 
+def recorded_checkpoint(checkpoint: str) -> str:
+    """--checkpoint as run.json records it: a local path made absolute, so that --resume finds it from any working
+    directory; a run name, a URI or `none` as given."""
+    local = not storage.is_uri(checkpoint) and Path(checkpoint).exists()
+    return str(Path(checkpoint).absolute()) if local else checkpoint
+
+
 def run_finetune(cfg: Config, checkpoint: str | None = None, *, store: str | Path | Location | None = None,
                  resume: str | None = None, overrides: list[str] = (),
                  trial: runs.SweepTrial | None = None) -> FinetuneResult:
@@ -395,11 +402,16 @@ def run_finetune(cfg: Config, checkpoint: str | None = None, *, store: str | Pat
     plan = runs.plan_run("finetune", cfg, resume, overrides, trial)
     cfg = plan.cfg
     if plan.resumed:
-        store, checkpoint = plan.record["store"], plan.record["checkpoint"]
+        store = runs.resumed_store(plan, store)
+        if checkpoint is not None and recorded_checkpoint(checkpoint) != plan.record["checkpoint"]:
+            raise ConfigError(f"--resume {plan.name}: --checkpoint {checkpoint} is not the encoder the run started "
+                              f"from ({plan.record['checkpoint']}); a resumed run keeps it")
+        checkpoint = plan.record["checkpoint"]
+    else:
+        store = runs.resolve_store(cfg, store)
     if checkpoint is None:
         raise ConfigError("--checkpoint is required: a pretraining run, checkpoint or encoder export, or none (the "
                           "from-scratch baseline)")
-    store = runs.resolve_store(cfg, store)
     stats = data.read_stats(store)
     runs.check_store(cfg, stats, store, cfg.run.workers)
     task = task_of(cfg, store)
@@ -413,9 +425,7 @@ def run_finetune(cfg: Config, checkpoint: str | None = None, *, store: str | Pat
     params = {"checkpoint": source, "data.store_path": str(store), "data.train_clips": clips,
               "data.mean": stats["mean"], "data.std": stats["std"], "classes": len(task.classes),
               "multi_label": task.multi_label, "finetune.loss_used": task.loss}
-    # A path is recorded absolute, so that --resume finds it from any working directory.
-    local = not storage.is_uri(checkpoint) and Path(checkpoint).exists()
-    record = {"checkpoint": str(Path(checkpoint).absolute()) if local else checkpoint}
+    record = {"checkpoint": recorded_checkpoint(checkpoint)}
     with runs.open_run(plan, store, params, record) as tracker:
         subset = "" if train_files.keep is None else f" ({clips} of its {stats['counts']['train']} train clips)"
         print(f"fine-tuning {plan.name}: {cfg.finetune.steps} steps {runs.workers_text(cfg.run.workers)}, "

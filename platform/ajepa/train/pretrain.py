@@ -284,7 +284,7 @@ def run_pretrain(cfg: Config, *, store: str | Path | Location | None = None, res
     cfg = plan.cfg
     grid = patch_grid(cfg)
     validate_masks(cfg.mask, grid)
-    store = runs.resolve_store(cfg, plan.record["store"] if plan.resumed else store)
+    store = runs.resumed_store(plan, store) if plan.resumed else runs.resolve_store(cfg, store)
     stats = data.read_stats(store)
     runs.check_store(cfg, stats, store, cfg.run.workers)
     eval_store = _check_eval_store(cfg, store)

@@ -320,6 +320,18 @@ def resolve_store(cfg: Config, store: str | Path | Location | None) -> Location:
     return storage.resolve(data.demo_store(cfg.audio)[0])
 
 
+def resumed_store(plan: RunPlan, given: str | Path | Location | None) -> Location:
+    """The store a resumed run started with. Named again (--data, or data.store in an override), it must be that
+    one: a resume continues the run's own batches, which another store would not hold."""
+    recorded = plan.record["store"]
+    if given is None and "data.store" in plan.changes:
+        given = plan.changes["data.store"][1]
+    if given is not None and str(storage.resolve(given)) != recorded:
+        raise ConfigError(f"--resume {plan.name}: {given} is not the store the run reads ({recorded}); a resumed run "
+                          "keeps its store", "data.store")
+    return storage.resolve(recorded)
+
+
 def check_store(cfg: Config, stats: dict[str, Any], store: Location, workers: int) -> None:
     from ajepa.data import check_version
 
