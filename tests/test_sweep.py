@@ -316,7 +316,10 @@ def test_asha_stops_the_trial_that_falls_behind_also_against_the_rungs_from_befo
     sweep_dir = tmp_path / "rungs"
     watcher = interrupt_when(lambda: any(sweep_dir.glob("trial_*_00001")))
     with pytest.raises(KeyboardInterrupt):
-        run_sweep(sweep_cfg(tmp_path, "run.name=rungs", "finetune.steps=8", "finetune.eval_every=0"), space,
+        # Checkpoints at the end only: a second trial that trained past step 4 before the Ctrl-C landed (seen in CI)
+        # would otherwise resume from step 4's checkpoint and report its first rung's step never.
+        run_sweep(sweep_cfg(tmp_path, "run.name=rungs", "finetune.steps=8", "finetune.eval_every=0",
+                            "run.checkpoint_every=8"), space,
                   SweepSettings(job="finetune", checkpoint="none", metric="lr", mode="min", max_concurrent=1),
                   store=tone_store)
     watcher.join()
