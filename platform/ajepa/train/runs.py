@@ -420,7 +420,7 @@ CHECKPOINT_SHAPE = {"pretrain": _ENCODER_SHAPE + ("model.pred_dim", "model.pred_
                     "finetune": _ENCODER_SHAPE + ("finetune.head_norm",)}
 
 
-def check_resumable(job: str, cfg: Config, changes: dict[str, tuple[Any, Any]], run_dir: Location,
+def check_resumable(job: str, steps: int, changes: dict[str, tuple[Any, Any]], run_dir: Location,
                     resume: str) -> int:
     """The step a resume continues from (its last checkpoint's, 0 without one). Refused, before anything is
     written or started: `changes` (the overrides' effect on the run's config) to its model, or a step count
@@ -432,7 +432,7 @@ def check_resumable(job: str, cfg: Config, changes: dict[str, tuple[Any, Any]], 
     checkpoints = local_checkpoints(run_dir)
     reached = int(checkpoints[-1].name.removeprefix("step_")) if checkpoints else 0
     steps_key = STEPS_KEY[job]
-    if reached >= (steps := cfg.flat()[steps_key]):
+    if reached >= steps:
         raise ConfigError(f"--resume {resume}: nothing to train: its last checkpoint is step {reached} and "
                           f"{steps_key} is {steps}; give more steps (--steps N, every schedule scales to the new "
                           "total) to train on", steps_key)
@@ -456,7 +456,7 @@ def plan_run(job: str, cfg: Config, resume: str | None, overrides: list[str],
         before, after = config_from_dict(saved["config"]).flat(), cfg.flat()
         changes = {key: (before[key], after[key]) for key in after
                    if before[key] != after[key] and key != "run.out_dir"}  # where it lives is its folder's
-        start = check_resumable(job, cfg, changes, out / name, resume)
+        start = check_resumable(job, after[STEPS_KEY[job]], changes, out / name, resume)
         return RunPlan(job, cfg, out, name, True, saved, trial, start, changes)
     name = cfg.run.name or new_run_name(job)
     if (out / name).exists():
