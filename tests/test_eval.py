@@ -26,7 +26,7 @@ from ajepa.eval import (
 )
 from ajepa.models.vit import VisionTransformer
 from ajepa.train.pretrain import Pretrainer, export_encoder
-from conftest import micro_cfg, tone
+from conftest import fake_batch, micro_cfg, tone
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -194,17 +194,80 @@ def test_checkpoints_load_as_trained_and_bad_ones_are_named(tmp_path, stores):
     exported = load_encoder(str(export), tmp_path, "target")
     assert all(torch.equal(v, trainer.model.target_encoder.state_dict()[k])
                for k, v in exported.encoder.state_dict().items())
-    with pytest.raises(EvalError, match="an exported encoder is the target encoder"):
+    with pytest.raises(EvalError, match="an export .exported target encoder. holds one encoder; the context encoder "
+                                        r"is in pretraining checkpoints \(pretrain.pt\) only"):
         load_encoder(str(export), tmp_path, "context")
     with pytest.raises(EvalError) as missing:  # says where it looked: the path as resolved, and a run of that name
         load_encoder("nowhere", tmp_path, "target")
-    assert str(missing.value) == ("--checkpoint nowhere: no pretraining run or checkpoint there (looked for a run "
-                                  f"folder, a step folder or pretrain.pt at {Path.cwd() / 'nowhere'}, and for "
-                                  f"{tmp_path}/nowhere/run.json)")
+    assert str(missing.value) == ("--checkpoint nowhere: no run, checkpoint or export there (looked for a run "
+                                  f"folder, a step folder, pretrain.pt or finetune.pt at {Path.cwd() / 'nowhere'}, "
+                                  f"and for {tmp_path}/nowhere/run.json)")
+    with pytest.raises(EvalError) as missing:  # a path is no run name: no run.json looked for under --out
+        load_encoder(str(tmp_path / "step_00000009"), tmp_path, "target")
+    assert str(missing.value).endswith(f"finetune.pt at {tmp_path}/step_00000009)")
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"not a checkpoint")
     with pytest.raises(Exception, match=f"{garbage}: corrupt or unreadable checkpoint"):
         load_encoder(str(garbage), tmp_path, "target")
+
+
+def test_a_file_in_a_run_folder_is_that_runs_and_a_fine_tuned_model_gives_its_encoder(tmp_path, stores):
+    """Every way of naming a pretraining or fine-tuning run's encoder (run name, folder, step folder, checkpoint,
+    export) loads the same weights, knows its run and its step; the evaluation is nested under that run."""
+    from ajepa import tracking
+    from ajepa.hear import load_model
+    from ajepa.train.finetune import Finetuner, Task, export_model
+
+    cfg = micro_cfg("data.batch_size=4", f"run.out_dir={tmp_path}")
+    stats = data.read_stats(stores[0])
+    uri = tracking.default_tracking_uri(tmp_path)
+    pretrainer = Pretrainer(cfg, -8.0, 4.0, torch.device("cpu"))
+    for i in range(3):
+        pretrainer.train_step([fake_batch(i, 4)])
+    task = Task(["high", "low"], False, "ce")
+    finetuner = Finetuner(cfg, task, -8.0, 4.0, torch.device("cpu"), pretrainer.model.target_encoder.state_dict())
+    for i in range(2):
+        finetuner.train_step(*fake_batch(i, 4), torch.tensor([0, 1, 0, 1]))
+    made = {}
+    for job, trainer, export, expected in (
+            ("pretrain", pretrainer, "encoder.safetensors", pretrainer.model.target_encoder),
+            ("finetune", finetuner, "model.safetensors", finetuner.model.encoder)):
+        parent = tracking.Tracker.start(uri, cfg.run.experiment, job)
+        parent.finish("FINISHED")
+        folder, step = tmp_path / job, trainer.step
+        (folder / f"step_{step:08d}").mkdir(parents=True)
+        trainer.save(folder / f"step_{step:08d}" / trainer.checkpoint_file)
+        (folder / "run.json").write_text(json.dumps({"name": job, "tracking_uri": uri,
+                                                     "mlflow_run_id": parent.run_id}))
+        if job == "pretrain":
+            export_encoder(trainer.state_dict(), folder / export, stats)
+        else:
+            export_model(trainer.state_dict(), task, folder / export, stats)
+        made[job] = parent.run_id
+        weights = expected.state_dict()
+        for named in (job, folder, folder / f"step_{step:08d}", folder / f"step_{step:08d}" / trainer.checkpoint_file,
+                      folder / export):
+            loaded = load_encoder(str(named), tmp_path, "target")
+            assert (str(loaded.run_dir), loaded.label, loaded.step) == (str(folder), job, step), named
+            assert all(torch.equal(v, weights[k]) for k, v in loaded.encoder.state_dict().items()), named
+        if job == "finetune":
+            assert "fine-tuned encoder, step 2" in loaded.source
+            assert load_model(folder).fine_tuned and load_model(folder).step == 2  # HEAR serves it too
+            for named in (folder, folder / export):
+                with pytest.raises(EvalError, match="holds one encoder; the context encoder is in pretraining"):
+                    load_encoder(str(named), tmp_path, "context")
+    mine = tmp_path / "elsewhere" / "mine.safetensors"  # a copy outside any run: its own name, no run
+    mine.parent.mkdir()
+    mine.write_bytes((tmp_path / "pretrain" / "encoder.safetensors").read_bytes())
+    loaded = load_encoder(str(mine), tmp_path, "target")
+    assert (loaded.run_dir, loaded.label, loaded.step) == (None, "mine", 3)
+
+    result = run_evaluate(cfg, str(tmp_path / "finetune" / "step_00000002"), stores[0])
+    client = mlflow.MlflowClient(result.tracking_uri)
+    run = client.get_run(result.mlflow_run_id)
+    assert run.data.tags["mlflow.parentRunId"] == made["finetune"] and run.info.run_name.endswith("-finetune")
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "probe/linear_acc")] == [2]
+    assert result.results.parent.name == run.info.run_name and json.loads(result.results.read_text())["step"] == 2
 
 
 def test_online_probe_needs_a_labelled_store_before_ray_starts(tmp_path, stores):

@@ -150,7 +150,8 @@ def test_files_that_are_no_usable_encoder_name_the_file(tmp_path, run_dir):
     save_file(weights, str(old), metadata={"config": json.dumps(dataclasses.asdict(micro_cfg().model)), "step": "2"})
     wrong = tmp_path / "wrong.safetensors"  # weights of another width than its config says
     config = {**dataclasses.asdict(micro_cfg().model), "embed_dim": 128}
-    save_file(weights, str(wrong), metadata={"config": json.dumps(config), "input": _input_metadata(run_dir)})
+    save_file(weights, str(wrong), metadata={"config": json.dumps(config), "step": "2",
+                                             "input": _input_metadata(run_dir)})
     cases = [(garbage, "not an ajepa encoder \\(unreadable as safetensors"),
              (foreign, "not an ajepa encoder \\(its metadata has no model config\\)"),
              (old, "exported without its input settings \\(fbank, mean/std, crop\\); re-export"),

@@ -313,7 +313,8 @@ class LoadedEncoder:
     normalize_input: bool  # whether training normalised its input (data.normalize)
     source: str  # what was loaded, for the table and MLflow
     step: int
-    run_dir: Location | None  # the pretraining run it came from, if any
+    run_dir: Location | None  # the run (pretraining or fine-tuning) it came from, if any
+    label: str  # a short name for it: the run's name, `random`, or the file's
 
 
 def random_encoder(cfg: Config) -> LoadedEncoder:
@@ -324,46 +325,74 @@ def random_encoder(cfg: Config) -> LoadedEncoder:
     model = AJEPA(cfg.model, cfg.audio.num_mel_bins, max_frames=cfg.data.crop_frames)
     encoder = model.target_encoder if cfg.eval.encoder == "target" else model.context_encoder
     return LoadedEncoder(encoder, cfg.data.crop_frames, cfg.data.normalize, f"random init (seed {cfg.run.seed})",
-                         0, None)
+                         0, None, "random")
 
 
 def load_encoder(checkpoint: str, out: Location, which: str) -> LoadedEncoder:
-    """A pretraining run (its name under `out`, or its folder: the newest checkpoint), a `pretrain.pt`
-    checkpoint (or its step folder), or an exported `encoder.safetensors` (the target encoder only); each a local
-    path or a URI. Each carries its config, so the encoder is rebuilt at the size and input length it was
-    trained with."""
-    from ajepa.train.pretrain import CHECKPOINT_FILE, load_checkpoint
-    from ajepa.train.runs import RUN_FILE
+    """The `which` (target or context) encoder of a pretraining run, or the encoder of a fine-tuning run: the run
+    (its name under `out`, or its folder: its newest checkpoint), a checkpoint (`pretrain.pt`, `finetune.pt`, or
+    its step folder) or an export (`encoder.safetensors`, `model.safetensors`); each a local path or a URI. Each
+    carries its config, so the encoder is rebuilt at the size and input length it was trained with. A file in a
+    run's folder is that run's (`run_dir`), whichever way it was named."""
+    from ajepa.train import finetune, pretrain, runs
 
+    checkpoint_files = (pretrain.CHECKPOINT_FILE, finetune.CHECKPOINT_FILE)
     path = storage.resolve(checkpoint)
-    if path.name.endswith(".safetensors") and path.is_file():
-        with path.local_copy() as local:
-            return _load_export(local, which, str(path))
-    run_dir = None
-    if not path.exists() and (out / checkpoint / RUN_FILE).exists():
-        path = out / checkpoint
-    if (path / RUN_FILE).exists():
-        run_dir = path
-        steps = path.glob(f"step_*/{CHECKPOINT_FILE}")
+    named = out / checkpoint if "/" not in checkpoint else None  # what a run's name would be
+    if not path.exists() and named and (named / runs.RUN_FILE).exists():
+        path = named
+    if (path / runs.RUN_FILE).exists():
+        steps = [p for p in path.glob("step_*/*") if p.name in checkpoint_files]
         if not steps:
             raise EvalError(f"{path}: the run has no checkpoint yet")
         path = steps[-1]
-    elif (path / CHECKPOINT_FILE).exists():
-        path = path / CHECKPOINT_FILE
+    elif path.is_dir():
+        path = next((path / f for f in checkpoint_files if (path / f).is_file()), path)
     if not path.is_file():
-        raise EvalError(f"--checkpoint {checkpoint}: no pretraining run or checkpoint there (looked for a run "
-                        f"folder, a step folder or {CHECKPOINT_FILE} at {path}, and for {out / checkpoint / RUN_FILE})")
-    state = load_checkpoint(path)
+        looked = f", and for {named / runs.RUN_FILE}" if named else ""
+        raise EvalError(f"--checkpoint {checkpoint}: no run, checkpoint or export there (looked for a run folder, a "
+                        f"step folder, {' or '.join(checkpoint_files)} at {path}{looked})")
+    run_dir = path.parent.parent if path.parent.name.startswith("step_") else path.parent
+    run_dir = run_dir if (run_dir / runs.RUN_FILE).exists() else None
+    label = run_dir.name if run_dir else path.name.split(".")[0]
+    if path.name.endswith(".safetensors"):
+        with path.local_copy() as local:
+            return _load_export(local, which, str(path), run_dir, label)
+    state = runs.read_checkpoint(path, "pretraining or fine-tuning", {"model", "optimizer", "step", "config"})
     cfg = config_from_dict(state["config"], source=str(path))
-    prefix = f"{which}_encoder."
+    fine_tuned = "classes" in state
+    if fine_tuned and which != "target":
+        raise EvalError(_one_encoder(str(path), "a fine-tuning checkpoint", which))
+    prefix = "encoder." if fine_tuned else f"{which}_encoder."
     encoder = VisionTransformer(cfg.model, cfg.audio.num_mel_bins, cfg.data.crop_frames)
     try:
         encoder.load_state_dict({k[len(prefix):]: v for k, v in state["model"].items() if k.startswith(prefix)})
     except RuntimeError as exc:
         raise EvalError(f"{path}: weights do not fit the encoder its config describes ({exc})") from None
     step = int(state["step"])
-    return LoadedEncoder(encoder, cfg.data.crop_frames, cfg.data.normalize, f"{path} ({which} encoder, step {step})",
-                         step, run_dir)
+    kind = "fine-tuned" if fine_tuned else which
+    return LoadedEncoder(encoder, cfg.data.crop_frames, cfg.data.normalize, f"{path} ({kind} encoder, step {step})",
+                         step, run_dir, label)
+
+
+def _load_export(path: Path, which: str, name: str, run_dir: Location | None, label: str) -> LoadedEncoder:
+    """The export at local `path`, which the user named `name` (a local copy of a URI's file, or itself)."""
+    from ajepa.hear import HearError, load_model
+
+    try:
+        model = load_model(path)
+    except HearError as exc:
+        raise EvalError(str(exc).replace(str(path), name)) from None
+    kind = "fine-tuned encoder" if model.fine_tuned else "exported target encoder"
+    if which != "target":
+        raise EvalError(_one_encoder(name, f"an export ({kind})", which))
+    return LoadedEncoder(model.encoder, model.window_frames, model.normalize_input,
+                         f"{name} ({kind}, step {model.step})", model.step, run_dir, label)
+
+
+def _one_encoder(name: str, what: str, which: str) -> str:
+    return (f"{name}: {what} holds one encoder; the {which} encoder is in pretraining checkpoints (pretrain.pt) "
+            "only")
 
 
 # ----------------------------------------------------------------------------------------------- the job
@@ -406,7 +435,7 @@ def run_evaluate(cfg: Config, checkpoint: str, store: str | Path | Location | No
 
     parent = json.loads((loaded.run_dir / RUN_FILE).read_text()) if loaded.run_dir else None
     uri = parent["tracking_uri"] if parent else tracking.default_tracking_uri(out)
-    name = f"evaluate-{time.strftime('%Y%m%d-%H%M%S')}-{'random' if parent is None else parent['name']}"
+    name = f"evaluate-{time.strftime('%Y%m%d-%H%M%S')}-{loaded.label}"
     tracker = tracking.Tracker.start(uri, cfg.run.experiment, name, tags={"ajepa.job": "evaluate"},
                                      parent_run_id=parent["mlflow_run_id"] if parent else None)
     try:  # from here on a failure marks the MLflow run FAILED
@@ -429,18 +458,3 @@ def run_evaluate(cfg: Config, checkpoint: str, store: str | Path | Location | No
         raise
     tracker.finish("FINISHED")
     return EvaluateResult(metrics, table, results, tracker.run_id, uri)
-
-
-def _load_export(path: Path, which: str, name: str) -> LoadedEncoder:
-    """The export at local `path`, which the user named `name` (a local copy of a URI's file, or itself)."""
-    from ajepa.hear import HearError, load_model
-
-    if which != "target":
-        raise EvalError(f"{name}: an exported encoder is the target encoder; eval.encoder={which} needs a "
-                        "pretrain.pt checkpoint")
-    try:
-        model = load_model(path)
-    except HearError as exc:
-        raise EvalError(str(exc).replace(str(path), name)) from None
-    return LoadedEncoder(model.encoder, model.window_frames, model.normalize_input,
-                         f"{name} (exported target encoder)", 0, None)

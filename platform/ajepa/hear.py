@@ -2,10 +2,11 @@
 `get_timestamp_embeddings` (hearbenchmark.com). Plain torch: no Ray, no MLflow.
 
 Decisions:
-- `load_model(path)` takes an `encoder.safetensors` written by `export_encoder`, or a run folder holding one. Its
-  `input` metadata says how audio becomes this encoder's input: the store's fbank settings and mean/std, the crop
-  it was trained on. A file without it (exported before it existed), or one that is no ajepa encoder, raises
-  `HearError` naming the file.
+- `load_model(path)` takes an `encoder.safetensors` written by `export_encoder` (the pretrained target encoder), a
+  `model.safetensors` written by fine-tuning's `export_model` (its classifier's encoder), or a run folder holding
+  either. Its `input` metadata says how audio becomes this encoder's input: the store's fbank settings and
+  mean/std, the crop it was trained on. A file without it (exported before it existed), or one that is no ajepa
+  encoder, raises `HearError` naming the file.
 - Audio in: a float tensor (n_sounds, n_samples) at `model.sample_rate` (16 kHz). Each clip goes through the
   store's pipeline (audio.py, method.md §1): subtract its mean, Kaldi fbank, zero-pad, `(x - mean) / (2 * std)`.
 - Windows: a clip's fbank is cut into consecutive windows of the encoder's `crop_frames` (the length of its
@@ -32,7 +33,10 @@ from torch import Tensor, nn
 from ajepa.audio import fbank, normalize, pad_or_crop, to_mono_16k
 from ajepa.config import Config, ConfigError, config_from_dict
 from ajepa.models.vit import VisionTransformer
+from ajepa.train.finetune import MODEL_FILE
 from ajepa.train.pretrain import ENCODER_FILE
+
+CLASSIFIER_ENCODER = "encoder."  # the encoder's weights in a fine-tuned model
 
 
 class HearError(ValueError):
@@ -42,8 +46,9 @@ class HearError(ValueError):
 class HearModel(nn.Module):
     """An exported encoder with its input pipeline; in eval mode, without gradients."""
 
-    def __init__(self, cfg: Config, mean: float, std: float, normalize_input: bool):
+    def __init__(self, cfg: Config, mean: float, std: float, normalize_input: bool, step: int, fine_tuned: bool):
         super().__init__()
+        self.step, self.fine_tuned = step, fine_tuned  # the training step it was exported at; from fine-tuning?
         self.audio, self.mean, self.std, self.normalize_input = cfg.audio, mean, std, normalize_input
         self.window_frames = cfg.data.crop_frames
         self.patch_size = cfg.model.patch_size
@@ -59,11 +64,15 @@ class HearModel(nn.Module):
 
 
 def load_model(model_file_path: str | Path) -> HearModel:
-    """An `encoder.safetensors` (or a run folder holding one) -> a HearModel on the CPU (`.to()` moves it)."""
+    """An `encoder.safetensors`, a fine-tuned `model.safetensors` (or a run folder holding one) -> a HearModel on
+    the CPU (`.to()` moves it)."""
     path = Path(model_file_path)
     if path.is_dir():
-        path = path / ENCODER_FILE
+        path = path / (MODEL_FILE if (path / MODEL_FILE).is_file() else ENCODER_FILE)
     weights, metadata = _read_safetensors(path)
+    fine_tuned = "task" in metadata  # a classifier: its encoder, without the head
+    if fine_tuned:
+        weights = {k[len(CLASSIFIER_ENCODER):]: v for k, v in weights.items() if k.startswith(CLASSIFIER_ENCODER)}
     if "config" not in metadata:
         raise HearError(f"{path}: not an ajepa encoder (its metadata has no model config)")
     if "input" not in metadata:
@@ -74,7 +83,7 @@ def load_model(model_file_path: str | Path) -> HearModel:
         data = {"model": json.loads(metadata["config"]), "audio": spec["audio"],
                 "data": {"crop_frames": spec["crop_frames"]}}
         model = HearModel(config_from_dict(data, source=str(path)), float(spec["mean"]), float(spec["std"]),
-                          bool(spec["normalize"]))
+                          bool(spec["normalize"]), int(metadata["step"]), fine_tuned)
     except ConfigError as exc:
         raise HearError(str(exc)) from None
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
