@@ -316,3 +316,22 @@ def test_stopped_finetune_resumes_at_its_checkpoint_from_scratch_baseline(tmp_pa
                               overrides=["finetune.steps=8"])
     # Logged at every log step (2) and eval step (3), each once: the resumed run started at step 4.
     assert history(result, "loss") == [2, 3, 4, 6] and history(result, "val/acc") == [3, 6]
+
+
+def test_an_encoder_named_by_its_run_is_pinned_to_the_checkpoint_the_run_started_from(tmp_path, stores, capsys):
+    """--checkpoint <pretraining run> is that run's newest checkpoint when fine-tuning starts; a resume reads that
+    same file, though the pretraining run has saved a newer one since."""
+    started_from = micro_checkpoint(tmp_path / "pre")
+    (tmp_path / "pre" / "run.json").write_text(json.dumps({"name": "pre"}))
+    cfg = ray_cfg(tmp_path, "run.workers=0", "run.name=ft", "finetune.steps=2", "finetune.eval_every=0")
+    finetune.run_finetune(cfg, "pre", store=stores["labelled"])
+    record = json.loads((tmp_path / "ft" / "run.json").read_text())
+    assert (record["checkpoint"], record["encoder"]) == ("pre", str(started_from))
+    newer = tmp_path / "pre" / "step_00000009" / "pretrain.pt"  # the pretraining run trained on
+    newer.parent.mkdir()
+    newer.write_bytes(started_from.read_bytes())
+    capsys.readouterr()
+    result = finetune.run_finetune(load_config(None, [f"run.out_dir={tmp_path}"]), resume="ft",
+                                   overrides=["finetune.steps=4"])
+    assert result.step == 4 and f"encoder {started_from} (target encoder, step 1)" in capsys.readouterr().out
+    assert finetune.pretrained_encoder(cfg, "pre")[2] == str(newer)  # a new run would start from the newest

@@ -315,6 +315,7 @@ class LoadedEncoder:
     step: int
     run_dir: Location | None  # the run (pretraining or fine-tuning) it came from, if any
     label: str  # a short name for it: the run's name, `random`, or the file's
+    file: Location | None  # the file it was read from (a run resolved to its newest checkpoint); None: random
 
 
 def random_encoder(cfg: Config) -> LoadedEncoder:
@@ -325,7 +326,7 @@ def random_encoder(cfg: Config) -> LoadedEncoder:
     model = AJEPA(cfg.model, cfg.audio.num_mel_bins, max_frames=cfg.data.crop_frames)
     encoder = model.target_encoder if cfg.eval.encoder == "target" else model.context_encoder
     return LoadedEncoder(encoder, cfg.data.crop_frames, cfg.data.normalize, f"random init (seed {cfg.run.seed})",
-                         0, None, "random")
+                         0, None, "random", None)
 
 
 def load_encoder(checkpoint: str, out: Location, which: str) -> LoadedEncoder:
@@ -357,7 +358,7 @@ def load_encoder(checkpoint: str, out: Location, which: str) -> LoadedEncoder:
     label = run_dir.name if run_dir else path.name.split(".")[0]
     if path.name.endswith(".safetensors"):
         with path.local_copy() as local:
-            return _load_export(local, which, str(path), run_dir, label)
+            return _load_export(local, which, path, run_dir, label)
     state = runs.read_checkpoint(path, "pretraining or fine-tuning", {"model", "optimizer", "step", "config"})
     cfg = config_from_dict(state["config"], source=str(path))
     fine_tuned = "classes" in state
@@ -372,13 +373,14 @@ def load_encoder(checkpoint: str, out: Location, which: str) -> LoadedEncoder:
     step = int(state["step"])
     kind = "fine-tuned" if fine_tuned else which
     return LoadedEncoder(encoder, cfg.data.crop_frames, cfg.data.normalize, f"{path} ({kind} encoder, step {step})",
-                         step, run_dir, label)
+                         step, run_dir, label, path)
 
 
-def _load_export(path: Path, which: str, name: str, run_dir: Location | None, label: str) -> LoadedEncoder:
-    """The export at local `path`, which the user named `name` (a local copy of a URI's file, or itself)."""
+def _load_export(path: Path, which: str, file: Location, run_dir: Location | None, label: str) -> LoadedEncoder:
+    """The export at local `path`: `file` itself, or a local copy of a URI's file."""
     from ajepa.hear import HearError, load_model
 
+    name = str(file)
     try:
         model = load_model(path)
     except HearError as exc:
@@ -387,7 +389,7 @@ def _load_export(path: Path, which: str, name: str, run_dir: Location | None, la
     if which != "target":
         raise EvalError(_one_encoder(name, f"an export ({kind})", which))
     return LoadedEncoder(model.encoder, model.window_frames, model.normalize_input,
-                         f"{name} ({kind}, step {model.step})", model.step, run_dir, label)
+                         f"{name} ({kind}, step {model.step})", model.step, run_dir, label, file)
 
 
 def _one_encoder(name: str, what: str, which: str) -> str:

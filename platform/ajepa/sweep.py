@@ -442,8 +442,8 @@ class SweepResult:
 def _job_check(cfg: Config, settings: SweepSettings, store: Location,
                stats: dict[str, Any]) -> tuple[Callable[[Config], None], str | None]:
     """The job's own checks of a config against the store, run on the base config and on every value of the
-    space before any trial starts; and, for fine-tuning, the encoder checked once and resolved to a path the
-    trials find from their own folder."""
+    space before any trial starts; and, for fine-tuning, the encoder checked once and resolved to the file it
+    was read from, which every trial starts from (a run's newest checkpoint now, even while that run trains on)."""
     if settings.job == "pretrain":
         from ajepa.masking import validate_masks
         from ajepa.train.pretrain import patch_grid
@@ -459,10 +459,7 @@ def _job_check(cfg: Config, settings: SweepSettings, store: Location,
         runs.check_store(c, stats, store, c.run.workers)
         task_of(c, store)
 
-    pretrained_encoder(cfg, settings.checkpoint)
-    out = storage.resolve(cfg.run.out_dir)
-    where = next((p for p in (storage.resolve(settings.checkpoint), out / settings.checkpoint) if p.exists()), None)
-    return check, str(where) if where else settings.checkpoint
+    return check, pretrained_encoder(cfg, settings.checkpoint)[2]
 
 
 def _tuner(plan: runs.RunPlan, space: SearchSpace, settings: SweepSettings, setup: TrialSetup, seeds: list[int],
@@ -551,6 +548,8 @@ def run_sweep(cfg: Config, space_file: str | Path | Location | None, settings: S
     store = runs.resolve_store(cfg, store)
     stats = data.read_stats(store)
     check, checkpoint = _job_check(cfg, settings, store, stats)
+    if plan.resumed:  # its trials continue with the encoder they started from, as the sweep recorded it
+        checkpoint = settings.checkpoint
     check(cfg)
     space.check(cfg, check)
     seeds = [cfg.run.seed + i for i in range(settings.seeds)]

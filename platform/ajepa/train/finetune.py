@@ -363,13 +363,15 @@ def task_of(cfg: Config, store: Location) -> Task:
     return Task(classes, multi, loss)
 
 
-def pretrained_encoder(cfg: Config, checkpoint: str) -> tuple[dict[str, Tensor] | None, str]:
-    """The encoder weights fine-tuning starts from, and where they came from. `none`: a random init (the
-    from-scratch baseline). A checkpoint of another model size than the config's is an error naming the fields."""
+def pretrained_encoder(cfg: Config, checkpoint: str) -> tuple[dict[str, Tensor] | None, str, str]:
+    """The encoder weights fine-tuning starts from, where they came from, and the file they were read from (a run
+    resolves to its newest checkpoint, which later steps of that run would change; `none` stays `none`). `none`: a
+    random init (the from-scratch baseline). A checkpoint of another model size than the config's is an error
+    naming the fields."""
     from ajepa.eval import load_encoder
 
     if checkpoint == "none":
-        return None, f"none (random init, seed {cfg.run.seed})"
+        return None, f"none (random init, seed {cfg.run.seed})", "none"
     loaded = load_encoder(checkpoint, storage.resolve(cfg.run.out_dir), cfg.finetune.encoder)
     encoder, block = loaded.encoder, loaded.encoder.blocks[0]
     theirs = {"model.embed_dim": encoder.embed_dim, "model.depth": encoder.depth,
@@ -383,7 +385,7 @@ def pretrained_encoder(cfg: Config, checkpoint: str) -> tuple[dict[str, Tensor] 
     if differ:
         raise ConfigError(f"--checkpoint {checkpoint}: {loaded.source} is another model size than the config's "
                           f"({'; '.join(differ)}); fine-tune with the config it was pretrained with")
-    return encoder.state_dict(), loaded.source
+    return encoder.state_dict(), loaded.source, str(loaded.file)
 
 
 def recorded_checkpoint(checkpoint: str) -> str:
@@ -406,7 +408,7 @@ def run_finetune(cfg: Config, checkpoint: str | None = None, *, store: str | Pat
         if checkpoint is not None and recorded_checkpoint(checkpoint) != plan.record["checkpoint"]:
             raise ConfigError(f"--resume {plan.name}: --checkpoint {checkpoint} is not the encoder the run started "
                               f"from ({plan.record['checkpoint']}); a resumed run keeps it")
-        checkpoint = plan.record["checkpoint"]
+        checkpoint = plan.record.get("encoder", plan.record["checkpoint"])  # the file it started from
     else:
         store = runs.resolve_store(cfg, store)
     if checkpoint is None:
@@ -415,7 +417,7 @@ def run_finetune(cfg: Config, checkpoint: str | None = None, *, store: str | Pat
     stats = data.read_stats(store)
     runs.check_store(cfg, stats, store, cfg.run.workers)
     task = task_of(cfg, store)
-    encoder_state, source = pretrained_encoder(cfg, checkpoint)
+    encoder_state, source, encoder_file = pretrained_encoder(cfg, checkpoint)
     train_files = data.train_files(store, cfg.finetune.train_fraction)
     if (clips := sum(train_files.rows)) < cfg.data.batch_size * max(cfg.run.workers, 1):
         raise ConfigError(f"finetune.train_fraction: {cfg.finetune.train_fraction} of {store}'s train clips is "
@@ -425,7 +427,7 @@ def run_finetune(cfg: Config, checkpoint: str | None = None, *, store: str | Pat
     params = {"checkpoint": source, "data.store_path": str(store), "data.train_clips": clips,
               "data.mean": stats["mean"], "data.std": stats["std"], "classes": len(task.classes),
               "multi_label": task.multi_label, "finetune.loss_used": task.loss}
-    record = {"checkpoint": recorded_checkpoint(checkpoint)}
+    record = {"checkpoint": recorded_checkpoint(checkpoint), "encoder": encoder_file}
     with runs.open_run(plan, store, params, record) as tracker:
         subset = "" if train_files.keep is None else f" ({clips} of its {stats['counts']['train']} train clips)"
         print(f"fine-tuning {plan.name}: {cfg.finetune.steps} steps {runs.workers_text(cfg.run.workers)}, "
