@@ -151,3 +151,19 @@ def test_manifest_errors_stop_the_job_before_any_work_naming_the_line(tmp_path, 
     assert f"error: {tmp_path}/{message}" in capsys.readouterr().err
     assert [p.name for p in tmp_path.iterdir() if p.name != "m.csv"] == ["store"]  # no staging folder
     assert [p.name for p in out.iterdir()] == ["stats.json"] and (out / "stats.json").read_text() == '{"clips": 7}'
+
+
+def test_a_bad_input_is_named_before_an_existing_out(tmp_path, capsys):
+    """Two mistakes at once: the input's is told first (an --overwrite would not help with it), and the earlier
+    store stays as it was."""
+    out = tmp_path / "store"
+    out.mkdir()
+    (out / "stats.json").write_text('{"clips": 7}')
+    (tmp_path / "empty").mkdir()
+    for source, message in ((tmp_path / "missing", "input does not exist"),
+                            (tmp_path / "empty", "no audio files found")):
+        assert cli.main(["prepare-data", "--input", str(source), "--out", str(out)]) == 2
+        assert capsys.readouterr().err.startswith(f"error: {source}: {message}")
+    assert [p.name for p in out.iterdir()] == ["stats.json"]
+    assert cli.main(["prepare-data", "--input", str(tmp_path / "empty"), "--out", str(tmp_path / "new")]) == 2
+    assert not (tmp_path / "new").exists()

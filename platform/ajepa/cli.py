@@ -143,7 +143,7 @@ def prepare_data(args: argparse.Namespace) -> int:
         return 0
     if args.out is None:
         raise data.StoreError("--out is required unless --input is demo")
-    if storage.resolve(args.out).exists() and not args.overwrite:
+    if args.input == "demo" and storage.resolve(args.out).exists() and not args.overwrite:  # before the rendering
         raise data.StoreError(f"{args.out}: already exists; pass --overwrite to replace it")
     source = data.demo_manifest() if args.input == "demo" else args.input
     summary = data.build_store(source, args.out, cfg, overwrite=args.overwrite)

@@ -312,11 +312,11 @@ def build_store(source: str | Path | Location, out: str | Path | Location, cfg: 
     from ajepa.runtime import init_ray
 
     source, out = storage.resolve(source), storage.resolve(out)
-    if out.exists() and not overwrite:
-        raise StoreError(f"{out}: already exists; pass --overwrite to replace it")
-    clips = list_inputs(source)
+    clips = list_inputs(source)  # the input first: its errors are the likelier ones
     if not clips:
         raise StoreError(f"{source}: no audio files found (extensions: {' '.join(AUDIO_EXTENSIONS)})")
+    if out.exists() and not overwrite:
+        raise StoreError(f"{out}: already exists; pass --overwrite to replace it")
     rows = input_rows(clips)
     # Shuffled once, here: each build task writes a contiguous run of these rows to one file, and listing order
     # (a folder per class) would make files of one class. Training reads files in a seeded order and mixes
