@@ -74,8 +74,9 @@ def _parser() -> argparse.ArgumentParser:
     ft = sub.add_parser("finetune", help="fine-tune a pretrained encoder with a classifier head on Ray Train")
     _common(ft)
     ft.add_argument("--checkpoint", default=None, metavar="RUN_OR_PATH",
-                    help="the encoder to start from: a pretraining run (name under --out, or folder), a pretrain.pt "
-                         "checkpoint, an encoder.safetensors export, or 'none' for the from-scratch baseline "
+                    help="the encoder to start from: a pretraining or fine-tuning run (name under --out, or "
+                         "folder: its newest checkpoint), a step folder, pretrain.pt or finetune.pt checkpoint, an "
+                         "encoder.safetensors or model.safetensors export, or 'none' for the from-scratch baseline "
                          "(required unless --resume)")
     ft.add_argument("--data", default=None, help="labelled spectrogram store (default: data.store, else the demo)")
     ft.add_argument("--steps", type=int, default=None, help="total optimizer steps (finetune.steps)")
@@ -121,8 +122,10 @@ def _parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("evaluate", help="linear probe and kNN on a frozen encoder")
     _common(ev)
     ev.add_argument("--checkpoint", required=True, metavar="RUN_OR_PATH",
-                    help="a pretraining run (name under --out, or folder), a pretrain.pt checkpoint, or 'random' "
-                         "for the random-init baseline (model and seed from --config)")
+                    help="a pretraining or fine-tuning run (name under --out, or folder: its newest checkpoint), "
+                         "a step folder, pretrain.pt or finetune.pt checkpoint, an encoder.safetensors or "
+                         "model.safetensors export, or 'random' for the random-init baseline (model and seed from "
+                         "--config)")
     ev.add_argument("--data", default=None, help="labelled spectrogram store (default: data.store, else the demo)")
     ev.set_defaults(func=evaluate)
     return parser
