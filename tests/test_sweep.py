@@ -16,6 +16,7 @@ import mlflow_browser
 import pytest
 from ajepa import cli, data, storage, tracking
 from ajepa.config import ConfigError, load_config
+from ajepa.eval import EvalError, load_encoder
 from ajepa.masking import validate_masks
 from ajepa.search_space import load_space
 from ajepa.sweep import (
@@ -223,6 +224,8 @@ def test_four_trial_sweep_is_a_parent_run_with_four_child_runs(four_trials):
     assert [sorted(c.params) for c in result.configs] == [["mask.schedule", "optim.lr"]] * 2
     assert all(len(c.values) == 2 for c in result.configs)  # each schedule's mean and spread over its two seeds
     assert len((result.run_dir / "results.csv").read_text().splitlines()) == 5
+    with pytest.raises(EvalError, match=f"^{result.run_dir}: a sweep, whose trials are the runs: name one"):
+        load_encoder(str(result.run_dir), result.run_dir.parent, "target")  # evaluate --checkpoint <sweep>
 
 
 def test_a_trials_job_leaves_its_run_to_the_sweep_driver_on_error_and_a_plain_run_ends_failed(tmp_path):

@@ -344,6 +344,9 @@ def load_encoder(checkpoint: str, out: Location, which: str) -> LoadedEncoder:
         path = named
     if (path / runs.RUN_FILE).exists():
         steps = [p for p in path.glob("step_*/*") if p.name in checkpoint_files]
+        if not steps and "sweep" in json.loads((path / runs.RUN_FILE).read_text()):
+            raise EvalError(f"{path}: a sweep, whose trials are the runs: name one ({path}/trial_<id>; its "
+                            "results.csv lists them)")
         if not steps:
             raise EvalError(f"{path}: the run has no checkpoint yet")
         path = steps[-1]
