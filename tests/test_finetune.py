@@ -335,3 +335,7 @@ def test_an_encoder_named_by_its_run_is_pinned_to_the_checkpoint_the_run_started
                                    overrides=["finetune.steps=4"])
     assert result.step == 4 and f"encoder {started_from} (target encoder, step 1)" in capsys.readouterr().out
     assert finetune.pretrained_encoder(cfg, "pre")[2] == str(newer)  # a new run would start from the newest
+    started_from.unlink()  # the pretraining run kept only its newest: the resume's weights are the run's own
+    result = finetune.run_finetune(load_config(None, [f"run.out_dir={tmp_path}"]), resume="ft",
+                                   overrides=["finetune.steps=6"])
+    assert result.step == 6 and f"encoder {newer} (target encoder, step 1)" in capsys.readouterr().out

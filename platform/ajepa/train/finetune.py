@@ -409,6 +409,10 @@ def run_finetune(cfg: Config, checkpoint: str | None = None, *, store: str | Pat
             raise ConfigError(f"--resume {plan.name}: --checkpoint {checkpoint} is not the encoder the run started "
                               f"from ({plan.record['checkpoint']}); a resumed run keeps it")
         checkpoint = plan.record.get("encoder", plan.record["checkpoint"])  # the file it started from
+        if plan.start_step and checkpoint != "none" and not storage.resolve(checkpoint).exists():
+            # Deleted since (a pretraining run keeps its newest checkpoints only): the run's own checkpoint holds
+            # every weight it resumes with, so the encoder is only checked, as it was named.
+            checkpoint = plan.record["checkpoint"]
     else:
         store = runs.resolve_store(cfg, store)
     if checkpoint is None:
