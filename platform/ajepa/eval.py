@@ -342,15 +342,15 @@ def load_encoder(checkpoint: str, out: Location, which: str) -> LoadedEncoder:
     named = out / checkpoint if "/" not in checkpoint else None  # what a run's name would be
     if not path.exists() and named and (named / runs.RUN_FILE).exists():
         path = named
-    if (path / runs.RUN_FILE).exists():
-        steps = [p for p in path.glob("step_*/*") if p.name in checkpoint_files]
-        if not steps and "sweep" in json.loads((path / runs.RUN_FILE).read_text()):
+    if (path / runs.RUN_FILE).exists():  # a run: its newest step folder
+        folders = runs.local_checkpoints(path)
+        if not folders and "sweep" in json.loads((path / runs.RUN_FILE).read_text()):
             raise EvalError(f"{path}: a sweep, whose trials are the runs: name one ({path}/trial_<id>; its "
                             "results.csv lists them)")
-        if not steps:
+        if not folders:
             raise EvalError(f"{path}: the run has no checkpoint yet")
-        path = steps[-1]
-    elif path.is_dir():
+        path = folders[-1]
+    if path.is_dir():  # a step folder: the checkpoint in it
         path = next((path / f for f in checkpoint_files if (path / f).is_file()), path)
     if not path.is_file():
         looked = f", and for {named / runs.RUN_FILE}" if named else ""
