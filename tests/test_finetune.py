@@ -317,6 +317,18 @@ def test_stopped_finetune_resumes_at_its_checkpoint_from_scratch_baseline(tmp_pa
     # Logged at every log step (2) and eval step (3), each once: the resumed run started at step 4.
     assert history(result, "loss") == [2, 3, 4, 6] and history(result, "val/acc") == [3, 6]
 
+    # Stopped again after the last checkpoint, before the export: --resume finishes it with the test metrics
+    # its last step logged, and trains nothing.
+    exported = load_file(str(result.model))
+    result.model.delete()
+    mlflow.MlflowClient(result.tracking_uri).set_terminated(result.mlflow_run_id, "KILLED")
+    finished = finetune.run_finetune(load_config(None, [f"run.out_dir={tmp_path}"]), resume="stopped")
+    assert finished.step == 6 and finished.metrics == result.metrics and "test/acc" in finished.metrics
+    weights = load_file(str(finished.model))
+    assert weights.keys() == exported.keys() and all(torch.equal(weights[k], exported[k]) for k in weights)
+    assert history(result, "loss") == [2, 3, 4, 6]
+    assert mlflow.MlflowClient(result.tracking_uri).get_run(result.mlflow_run_id).info.status == "FINISHED"
+
 
 def test_an_encoder_named_by_its_run_is_pinned_to_the_checkpoint_the_run_started_from(tmp_path, stores, capsys):
     """--checkpoint <pretraining run> is that run's newest checkpoint when fine-tuning starts; a resume reads that

@@ -557,4 +557,26 @@ def test_in_process_run_keeps_its_checkpoints_and_resumes_from_them_with_the_cha
             pretrain.run_pretrain(load_config(None, [f"run.out_dir={tmp_path}"]), store=store, resume="inproc",
                                   overrides=overrides)
     assert (run_dir / pretrain.RUN_FILE).read_text() == record
-    assert mlflow.MlflowClient(resumed.tracking_uri).get_run(resumed.mlflow_run_id).info.status == "FINISHED"
+    client = mlflow.MlflowClient(resumed.tracking_uri)
+    assert client.get_run(resumed.mlflow_run_id).info.status == "FINISHED"
+
+    # Stopped after its last checkpoint, before its export (Ctrl-C while Ray Train winds down, a sweep
+    # interrupted): --resume finishes it from that checkpoint without training, and the run ends FINISHED.
+    exported = load_file(str(resumed.encoder))
+    (run_dir / pretrain.ENCODER_FILE).unlink()
+    client.set_terminated(resumed.mlflow_run_id, "KILLED")
+    capsys.readouterr()
+    finished = pretrain.run_pretrain(load_config(None, [f"run.out_dir={tmp_path}"]), resume="inproc")
+    assert ", resumed at step 8: its last step, so it only finishes (the export)\n" in capsys.readouterr().out
+    assert finished.step == 8 and Path(finished.checkpoint) == run_dir / "step_00000008"
+    assert finished.metrics == resumed.metrics, "the last step's metrics, as MLflow has them"
+    weights = load_file(str(finished.encoder))
+    assert weights.keys() == exported.keys() and all(torch.equal(weights[k], exported[k]) for k in weights)
+    assert [s for s, _ in metric_steps(finished)] == [2, 4, 6, 8], "nothing trained again"
+    assert client.get_run(resumed.mlflow_run_id).info.status == "FINISHED"
+    # A sweep's trial that Tune starts again at its last step finishes again: Tune may restart a trial whose run
+    # had just finished. A user's --resume of a finished run is still refused (above).
+    trial = runs.SweepTrial(finished.tracking_uri, "unused: the run exists", {}, [])
+    again = pretrain.run_pretrain(load_config(None, [f"run.out_dir={tmp_path}"]), resume="inproc", trial=trial)
+    assert again.step == 8 and again.metrics == resumed.metrics
+    assert client.get_run(resumed.mlflow_run_id).info.status == "FINISHED"

@@ -154,6 +154,11 @@ def find_run(uri: str, experiment: str, run_name: str) -> str | None:
     return runs[0].info.run_id if runs else None
 
 
+def run_status(uri: str, run_id: str) -> str:
+    """RUNNING, FINISHED, FAILED or KILLED: how the run ended, or that it has not (or was cut off before it could)."""
+    return MlflowClient(uri).get_run(run_id).info.status
+
+
 @dataclass(frozen=True)
 class RunSummary:
     """One run as a search returns it: `metrics` holds each metric's latest value."""
@@ -304,6 +309,15 @@ class Tracker(BaseTracker):
             batch.append(Metric(key, value, now, step))
         for chunk in _chunks(batch, _MAX_METRICS_PER_BATCH):
             self._client.log_batch(self._run_id, metrics=chunk)
+
+    def metrics_at(self, step: int) -> dict[str, float]:
+        """The metrics logged at `step` (the last value of each where one was logged twice: a restarted step)."""
+        found: dict[str, Metric] = {}
+        for key in self._client.get_run(self._run_id).data.metrics:
+            for metric in self._client.get_metric_history(self._run_id, key):
+                if metric.step == step and (key not in found or metric.timestamp >= found[key].timestamp):
+                    found[key] = metric
+        return {key: metric.value for key, metric in found.items()}
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         """Upload a file, or a directory's contents under `artifact_path` (default: its own name)."""

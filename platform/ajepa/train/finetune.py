@@ -439,15 +439,12 @@ def run_finetune(cfg: Config, checkpoint: str | None = None, *, store: str | Pat
               f"{plan.resume_text()}", flush=True)
         loop_config = {"mean": stats["mean"], "std": stats["std"], "fbank_shape": data.fbank_shape(stats["audio"]),
                        "store": store, "task": dataclasses.asdict(task), "encoder_state": encoder_state}
-        result = runs.fit(plan, train_loop_per_worker, loop_config, store, cfg.finetune.steps, _progress_text,
-                          train_files)
-        with result.checkpoint.as_directory() as folder:
-            state = load_checkpoint(Path(folder) / CHECKPOINT_FILE)
+        trained = runs.train(plan, train_loop_per_worker, loop_config, store, cfg.finetune.steps, _progress_text,
+                             lambda folder: load_checkpoint(folder / CHECKPOINT_FILE), tracker, train_files)
         model = plan.run_dir / MODEL_FILE
         with model.local_file() as model_file:
-            tracker.log_artifact(export_model(state, task, model_file, stats))
-    checkpoint_dir = dataclasses.replace(plan.out, path=result.checkpoint.path)  # Ray's path, in the run's filesystem
-    return FinetuneResult(plan.run_dir, plan.name, int(state["step"]), dict(result.metrics or {}), checkpoint_dir,
+            tracker.log_artifact(export_model(trained.state, task, model_file, stats))
+    return FinetuneResult(plan.run_dir, plan.name, int(trained.state["step"]), trained.metrics, trained.checkpoint,
                           model, source, plan.record["mlflow_run_id"], plan.record["tracking_uri"], store)
 
 

@@ -9,7 +9,6 @@ machinery under both (run folder, resume, MLflow run, TorchTrainer, restore) is 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -301,14 +300,12 @@ def run_pretrain(cfg: Config, *, store: str | Path | Location | None = None, res
               f"data {store}{plan.resume_text()}", flush=True)
         loop_config = {"mean": stats["mean"], "std": stats["std"], "fbank_shape": data.fbank_shape(stats["audio"]),
                        "eval_store": eval_store}
-        result = runs.fit(plan, train_loop_per_worker, loop_config, store, cfg.optim.steps, _progress_text)
-        with result.checkpoint.as_directory() as folder:
-            state = load_checkpoint(Path(folder) / CHECKPOINT_FILE)
+        trained = runs.train(plan, train_loop_per_worker, loop_config, store, cfg.optim.steps, _progress_text,
+                             lambda folder: load_checkpoint(folder / CHECKPOINT_FILE), tracker)
         encoder = plan.run_dir / ENCODER_FILE
         with encoder.local_file() as encoder_file:
-            tracker.log_artifact(export_encoder(state, encoder_file, stats))
-    checkpoint = dataclasses.replace(plan.out, path=result.checkpoint.path)  # Ray's path, in the run's filesystem
-    return PretrainResult(plan.run_dir, plan.name, int(state["step"]), dict(result.metrics or {}), checkpoint,
+            tracker.log_artifact(export_encoder(trained.state, encoder_file, stats))
+    return PretrainResult(plan.run_dir, plan.name, int(trained.state["step"]), trained.metrics, trained.checkpoint,
                           encoder, plan.record["mlflow_run_id"], plan.record["tracking_uri"], store)
 
 

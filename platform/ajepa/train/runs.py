@@ -16,6 +16,7 @@ Train gets the run folder's parent as `RunConfig(storage_path, storage_filesyste
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -401,11 +402,19 @@ class RunPlan:
     def changes_text(self) -> str:
         return "; ".join(f"{key} {before} -> {after}" for key, (before, after) in self.changes.items())
 
+    @property
+    def finishing(self) -> bool:
+        """A resumed training run whose last checkpoint is its last step: it was stopped after it, before its export
+        (or a sweep's trial is started again)."""
+        return self.resumed and self.job in STEPS_KEY and self.start_step == self.cfg.flat()[STEPS_KEY[self.job]]
+
     def resume_text(self) -> str:
         """What a resume continues from, for the job's first line; empty for a new run."""
         if not self.resumed:
             return ""
-        return f", resumed at step {self.start_step}" + (f" ({self.changes_text()})" if self.changes else "")
+        finish = ": its last step, so it only finishes (the export)" if self.finishing else ""
+        return (f", resumed at step {self.start_step}{finish}"
+                + (f" ({self.changes_text()})" if self.changes else ""))
 
     @property
     def run_dir(self) -> Location:
@@ -421,10 +430,11 @@ CHECKPOINT_SHAPE = {"pretrain": _ENCODER_SHAPE + ("model.pred_dim", "model.pred_
 
 
 def check_resumable(job: str, steps: int, changes: dict[str, tuple[Any, Any]], run_dir: Location,
-                    resume: str) -> int:
+                    resume: str, finished: Callable[[], bool]) -> int:
     """The step a resume continues from (its last checkpoint's, 0 without one). Refused, before anything is
     written or started: `changes` (the overrides' effect on the run's config) to its model, or a step count
-    that the last checkpoint has already reached, which would train nothing."""
+    that the last checkpoint has already reached, which would train nothing. A last checkpoint at the last step
+    of a run that has not `finished` is not refused: the run stopped before its export, and the job finishes it."""
     if model := [key for key in CHECKPOINT_SHAPE[job] if key in changes]:
         values = "; ".join(f"{key} {changes[key][1]} (the run's is {changes[key][0]})" for key in model)
         raise ConfigError(f"--resume {resume}: {values}: a resumed run keeps the model its checkpoints hold; start "
@@ -432,6 +442,8 @@ def check_resumable(job: str, steps: int, changes: dict[str, tuple[Any, Any]], r
     checkpoints = local_checkpoints(run_dir)
     reached = int(checkpoints[-1].name.removeprefix("step_")) if checkpoints else 0
     steps_key = STEPS_KEY[job]
+    if reached == steps and not finished():
+        return reached
     if reached >= steps:
         raise ConfigError(f"--resume {resume}: nothing to train: its last checkpoint is step {reached} and "
                           f"{steps_key} is {steps}; give more steps (--steps N, every schedule scales to the new "
@@ -456,7 +468,15 @@ def plan_run(job: str, cfg: Config, resume: str | None, overrides: list[str],
         before, after = config_from_dict(saved["config"]).flat(), cfg.flat()
         changes = {key: (before[key], after[key]) for key in after
                    if before[key] != after[key] and key != "run.out_dir"}  # where it lives is its folder's
-        start = check_resumable(job, after[STEPS_KEY[job]], changes, out / name, resume)
+
+        def finished() -> bool:
+            # Tune starts again a trial whose job had not returned, even one whose run had just ended: a trial
+            # always finishes; a user's --resume of a finished run is refused.
+            from ajepa.tracking import run_status
+
+            return trial is None and run_status(saved["tracking_uri"], saved["mlflow_run_id"]) == "FINISHED"
+
+        start = check_resumable(job, after[STEPS_KEY[job]], changes, out / name, resume, finished)
         return RunPlan(job, cfg, out, name, True, saved, trial, start, changes)
     name = cfg.run.name or new_run_name(job)
     if (out / name).exists():
@@ -558,6 +578,30 @@ def fit(plan: RunPlan, loop: Callable[[dict[str, Any]], None], loop_config: dict
     )
     with _ctrl_c_is_keyboard_interrupt(), _training_progress(progress, total, plan.job, describe):
         return trainer.fit()
+
+
+@dataclass
+class Trained:
+    """What a job's training ends with: the final state, the checkpoint it is read from, the last step's metrics."""
+
+    state: dict[str, Any]
+    checkpoint: Location
+    metrics: dict[str, Any]
+
+
+def train(plan: RunPlan, loop: Callable[[dict[str, Any]], None], loop_config: dict[str, Any], store: Location,
+          total: int, describe: Callable[[dict[str, float]], str], load: Callable[[Any], dict[str, Any]],
+          tracker: Any, train_files: TrainFiles | None = None) -> Trained:
+    """`fit`, and the state `load` reads from the checkpoint folder it ended with. A run that is `finishing` has
+    trained every step: its last checkpoint and what its rank 0 logged at the last step are what fit returned."""
+    if plan.finishing:
+        folder = local_checkpoints(plan.run_dir)[-1]
+        return Trained(load(folder), folder, tracker.metrics_at(total))
+    result = fit(plan, loop, loop_config, store, total, describe, train_files)
+    with result.checkpoint.as_directory() as folder:
+        state = load(Path(folder))
+    checkpoint = dataclasses.replace(plan.out, path=result.checkpoint.path)  # Ray's path, in the run's filesystem
+    return Trained(state, checkpoint, dict(result.metrics or {}))
 
 
 @contextlib.contextmanager
