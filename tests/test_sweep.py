@@ -273,7 +273,7 @@ def interrupt_when(ready: Callable[[], bool]) -> threading.Thread:
 
 
 @pytest.mark.slow
-def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, tone_store):
+def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, tone_store, capsys):
     space = space_file(tmp_path, "optim.lr: {grid: [1.0e-4, 3.0e-4]}\n")
     # Tune stops a running trial once its next report returns (the trial's actor is busy waiting for it; after 10 s
     # Tune kills it): the trial trains on until its next probe and a moment more. With 12 micro steps left after
@@ -295,7 +295,25 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, t
     assert saved < 256, "the second trial trained to its end before the interruption landed"
     first_files = {p: p.stat().st_mtime for p in (sweep_dir / first.info.run_name).rglob("*")}
 
-    result = run_sweep(load_config(None, [f"run.out_dir={tmp_path}"]), None, SweepSettings(), resume="resumable")
+    # A resume runs with the sweep's own settings and space: flags that name others are refused before anything
+    # runs or is written; the same ones typed again are fine (below).
+    (tmp_path / "other").mkdir()
+    other = space_file(tmp_path / "other", "optim.lr: {grid: [1.0e-3]}\n")
+    record_text = (sweep_dir / "run.json").read_text()
+    for flags, refusal in [
+            (["--num-samples", "3"], "--num-samples 3 is not the sweep's (1): a resumed sweep keeps the settings it "
+                                     "started with"),
+            (["--scheduler", "fifo", "--mode", "min"], "--mode min is not the sweep's (max)"),
+            (["--metric", "loss"], "--metric loss is not the sweep's (probe/linear_val_acc)"),
+            (["--space", str(other)], f"--space {other} is not the space the sweep started with (its copy: "
+                                      f"{sweep_dir / 'space.yaml'})")]:
+        assert cli.main(["sweep", "--resume", "resumable", "--out", str(tmp_path), *flags]) == 2
+        assert capsys.readouterr().err.startswith(f"error: --resume resumable: {refusal}"), flags
+    assert (sweep_dir / "run.json").read_text() == record_text
+
+    result = run_sweep(load_config(None, [f"run.out_dir={tmp_path}"]), space,
+                       SweepSettings(scheduler="fifo", metric="probe/linear_val_acc"), resume="resumable",
+                       given={"scheduler", "metric"})
     assert [t.reason for t in result.trials] == [COMPLETED, COMPLETED]
     client, parent, children = runs_of(uri, parent_id)
     assert parent.info.status == "FINISHED"

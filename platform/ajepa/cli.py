@@ -97,26 +97,29 @@ def _parser() -> argparse.ArgumentParser:
     sw.add_argument("--space", type=space_path, default=None,
                     help="search space YAML or a shipped space's name (in search_spaces/: mask_curriculum, finetune, "
                          "schedule_ablation); required unless --resume")
-    sw.add_argument("--job", choices=("pretrain", "finetune"), default="pretrain", help="what each trial runs")
+    sw.add_argument("--job", choices=("pretrain", "finetune"), help="what each trial runs (default pretrain)")
     sw.add_argument("--data", default=None, help="spectrogram store (default: data.store, else the demo store)")
     sw.add_argument("--checkpoint", default=None, metavar="RUN_OR_PATH",
                     help="--job finetune: the encoder every trial starts from (as finetune's --checkpoint)")
-    sw.add_argument("--num-samples", type=int, default=1,
-                    help="draws of the space's random keys; each runs with every grid value and seed")
-    sw.add_argument("--seeds", type=int, default=1,
-                    help="repeat each configuration with K seeds (run.seed, run.seed+1, ...): mean and spread")
+    sw.add_argument("--num-samples", type=int,
+                    help="draws of the space's random keys; each runs with every grid value and seed (default 1)")
+    sw.add_argument("--seeds", type=int,
+                    help="repeat each configuration with K seeds (run.seed, run.seed+1, ...): mean and spread "
+                         "(default 1)")
     sw.add_argument("--steps", type=int, default=None, help="every trial's optimizer steps")
-    sw.add_argument("--scheduler", choices=("asha", "fifo"), default="asha",
-                    help="asha stops trials that fall behind at 1, 2, 4, ... objective reports; fifo runs all")
-    sw.add_argument("--metric", default="",
+    sw.add_argument("--scheduler", choices=("asha", "fifo"),
+                    help="asha (the default) stops trials that fall behind at 1, 2, 4, ... objective reports; fifo "
+                         "runs all")
+    sw.add_argument("--metric",
                     help="the objective (default, on val: probe/linear_val_acc for pretrain, val/acc for finetune)")
-    sw.add_argument("--mode", choices=("max", "min"), default="max", help="whether the objective is maximised")
+    sw.add_argument("--mode", choices=("max", "min"), help="whether the objective is maximised (default max)")
     sw.add_argument("--max-concurrent", type=int, default=None,
                     help="trials at once (default: as many as the cluster's CPUs and GPUs hold)")
     sw.add_argument("--workers", type=int, default=None, help="Ray Train workers of each trial")
     sw.add_argument("--gpus-per-worker", type=float, default=None)
     sw.add_argument("--resume", default=None, metavar="SWEEP_OR_PATH",
-                    help="continue an interrupted sweep (name under --out, or its folder): finished trials stay done")
+                    help="continue an interrupted sweep (name under --out, or its folder) with its saved settings and "
+                         "space: finished trials stay done")
     sw.set_defaults(func=sweep)
 
     ev = sub.add_parser("evaluate", help="linear probe and kNN on a frozen encoder")
@@ -204,12 +207,13 @@ def sweep(args: argparse.Namespace) -> int:
     from ajepa.sweep import FINAL, JOBS, SweepSettings, run_sweep
     from ajepa.tracking import ui_command
 
-    overrides = _job_overrides(args, JOBS[args.job].steps_key)
+    overrides = _job_overrides(args, JOBS[args.job or "pretrain"].steps_key)
     cfg = load_config(args.config, overrides)
-    settings = SweepSettings(args.job, args.num_samples, args.seeds, args.scheduler, args.max_concurrent, args.metric,
-                             args.mode, args.checkpoint)
-    result = run_sweep(cfg, args.space, settings, store=args.data, resume=args.resume,
-                       overrides=overrides if args.resume else ())
+    # The settings typed, the rest SweepSettings' defaults: a resume checks those typed against its own.
+    given = {name: getattr(args, name) for name in ("job", "num_samples", "seeds", "scheduler", "max_concurrent",
+                                                     "metric", "mode", "checkpoint") if getattr(args, name) is not None}
+    result = run_sweep(cfg, args.space, SweepSettings(**given), store=args.data, resume=args.resume,
+                       overrides=overrides if args.resume else (), given=set(given))
     counts = ", ".join(f"{sum(t.reason == r for t in result.trials)} {r}" for r in FINAL)
     print(f"\nswept {result.name}: {len(result.trials)} trials ({counts}); configurations, best first:")
     print(result.table)

@@ -20,7 +20,7 @@ import logging
 import math
 import os
 import pickle
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -522,11 +522,40 @@ def _not_tunes_resume_hint(record: logging.LogRecord) -> bool:
     return not record.getMessage().startswith("Experiment has been interrupted")
 
 
+def _check_kept(plan: runs.RunPlan, saved: SweepSettings, settings: SweepSettings, given: Collection[str],
+                space_file: str | Path | None) -> None:
+    """A resumed sweep runs with the settings and space it started with: the ones `given` again (the flags the
+    user typed) must name the same, or the resume is refused rather than going on with others than asked for."""
+    asked = {name: getattr(settings, name) for name in given}
+    if asked.get("checkpoint") is not None:  # recorded as the file it resolved to when the sweep started
+        from ajepa.train.finetune import recorded_checkpoint
+
+        asked["checkpoint"] = recorded_checkpoint(asked["checkpoint"])
+    kept = dataclasses.replace(saved, **asked).resolved()  # an empty --metric is the job's default, as it was
+    for name in asked:
+        if getattr(kept, name) != getattr(saved, name):
+            raise ConfigError(f"--resume {plan.name}: --{name.replace('_', '-')} {getattr(settings, name)} is not "
+                              f"the sweep's ({getattr(saved, name)}): a resumed sweep keeps the settings it started "
+                              "with; start a new sweep for others")
+    if space_file is None:
+        return
+    copy = plan.run_dir / SPACE_FILE
+    try:
+        same = Path(space_file).read_bytes() == copy.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{exc.filename}: cannot read search space ({exc.strerror})") from None
+    if not same:
+        raise ConfigError(f"--resume {plan.name}: --space {space_file} is not the space the sweep started with "
+                          f"(its copy: {copy}); start a new sweep for another")
+
+
 def run_sweep(cfg: Config, space_file: str | Path | Location | None, settings: SweepSettings, *,
-              store: str | Path | Location | None = None, resume: str | None = None, overrides: list[str] = ()
-              ) -> SweepResult:
+              store: str | Path | Location | None = None, resume: str | None = None, overrides: list[str] = (),
+              given: Collection[str] = ()) -> SweepResult:
     """Run a sweep, or with `resume` (its name under run.out_dir, or its folder) continue one: its settings and
-    space are the saved ones. The settings, the space and each of its values are checked before Ray starts."""
+    space are the saved ones; `given` names the `settings` fields the user set, which a resume checks against the
+    saved ones, as it does `space_file`. The settings, the space and each of its values are checked before Ray
+    starts."""
     import ray
 
     from ajepa import data
@@ -535,8 +564,9 @@ def run_sweep(cfg: Config, space_file: str | Path | Location | None, settings: S
     plan = runs.plan_run("sweep", cfg, resume, overrides)
     cfg = plan.cfg
     if plan.resumed:
-        settings = SweepSettings(**plan.record["sweep"])
-        space_file, store = plan.run_dir / SPACE_FILE, runs.resumed_store(plan, store)
+        saved = SweepSettings(**plan.record["sweep"])
+        _check_kept(plan, saved, settings, given, space_file)
+        settings, space_file, store = saved, plan.run_dir / SPACE_FILE, runs.resumed_store(plan, store)
     if space_file is None:
         raise ConfigError("--space is required: a search space file (see search_spaces/)")
     settings = settings.resolved()
