@@ -207,7 +207,7 @@ def sweep(args: argparse.Namespace) -> int:
     from ajepa.sweep import FINAL, JOBS, SweepSettings, run_sweep
     from ajepa.tracking import ui_command
 
-    overrides = _job_overrides(args, JOBS[args.job or "pretrain"].steps_key)
+    overrides = _job_overrides(args, JOBS[args.job or SweepSettings.job].steps_key)
     cfg = load_config(args.config, overrides)
     # The settings typed, the rest SweepSettings' defaults: a resume checks those typed against its own.
     given = {name: getattr(args, name) for name in ("job", "num_samples", "seeds", "scheduler", "max_concurrent",
