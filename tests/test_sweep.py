@@ -306,9 +306,16 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, t
             (["--scheduler", "fifo", "--mode", "min"], "--mode min is not the sweep's (max)"),
             (["--metric", "loss"], "--metric loss is not the sweep's (probe/linear_val_acc)"),
             (["--space", str(other)], f"--space {other} is not the space the sweep started with (its copy: "
-                                      f"{sweep_dir / 'space.yaml'})")]:
+                                      f"{sweep_dir / 'space.yaml'})"),
+            # The trials that ran had the base config: a change would reach only the ones not started.
+            (["--steps", "512", "--set", "mask.schedule=tf"], "mask.schedule curriculum -> tf; optim.steps 256 -> "
+                                                               "512: a resumed sweep runs its trials with the config "
+                                                               "it started with")]:
         assert cli.main(["sweep", "--resume", "resumable", "--out", str(tmp_path), *flags]) == 2
         assert capsys.readouterr().err.startswith(f"error: --resume resumable: {refusal}"), flags
+    trial_run = sweep_dir / first.info.run_name
+    assert cli.main(["sweep", "--resume", str(trial_run)]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {trial_run / 'run.json'}: not a sweep's run record")
     assert (sweep_dir / "run.json").read_text() == record_text
 
     result = run_sweep(load_config(None, [f"run.out_dir={tmp_path}"]), space,
@@ -328,7 +335,7 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, t
 
 @pytest.mark.slow
 def test_asha_stops_the_trial_that_falls_behind_also_against_the_rungs_from_before_an_interruption(
-        tmp_path, tone_store):
+        tmp_path, tone_store, capsys):
     # Designed: a fine-tuning sweep from scratch whose objective is the reported lr, minimised, one trial at a time
     # in grid order, so the second (10x the lr) is below the first at the first rung (step 2). Interrupted once the
     # first trial has completed and the second has begun, before the second's first rung. Resumed, the second meets
@@ -350,6 +357,10 @@ def test_asha_stops_the_trial_that_falls_behind_also_against_the_rungs_from_befo
     assert first.data.tags["ajepa.job"] == "finetune" and first.data.params["finetune.lr"] == "0.0001"
     assert (sweep_dir / first.info.run_name / "model.safetensors").exists(), "the finished trial's classifier"
     assert all("ajepa.last_step" not in run.data.tags for run in second), "interrupted before its first report"
+
+    # --steps on a resume is the steps of the sweep's job (here finetune.steps), and a change is refused.
+    assert cli.main(["sweep", "--resume", "rungs", "--out", str(tmp_path), "--steps", "16"]) == 2
+    assert capsys.readouterr().err.startswith("error: --resume rungs: finetune.steps 8 -> 16: a resumed sweep")
 
     earlier = set(placement_group_table())
     result = run_sweep(load_config(None, [f"run.out_dir={tmp_path}"]), None, SweepSettings(), resume="rungs")

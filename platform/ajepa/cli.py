@@ -160,11 +160,12 @@ def prepare_data(args: argparse.Namespace) -> int:
     return 0
 
 
-def _job_overrides(args: argparse.Namespace, steps_key: str = "optim.steps") -> list[str]:
-    """Flags shared by every job, as config overrides (explicit --set values win)."""
-    flags = {"run.out_dir": args.out, steps_key: getattr(args, "steps", None),
-             "run.workers": getattr(args, "workers", None),
+def _job_overrides(args: argparse.Namespace, steps_key: str | None = "optim.steps") -> list[str]:
+    """Flags shared by every job, as config overrides (explicit --set values win); --steps sets `steps_key`."""
+    flags = {"run.out_dir": args.out, "run.workers": getattr(args, "workers", None),
              "run.gpus_per_worker": getattr(args, "gpus_per_worker", None)}
+    if steps_key:
+        flags[steps_key] = getattr(args, "steps", None)
     return [f"{k}={v}" for k, v in flags.items() if v is not None] + args.overrides
 
 
@@ -204,10 +205,13 @@ def finetune(args: argparse.Namespace) -> int:
 
 
 def sweep(args: argparse.Namespace) -> int:
-    from ajepa.sweep import FINAL, JOBS, SweepSettings, run_sweep
+    from ajepa.sweep import FINAL, JOBS, SweepSettings, resumed_settings, run_sweep
     from ajepa.tracking import ui_command
 
-    overrides = _job_overrides(args, JOBS[args.job or SweepSettings.job].steps_key)
+    job = args.job
+    if job is None and args.resume:  # --steps is the steps of the job the sweep runs
+        job = resumed_settings(load_config(args.config, _job_overrides(args, steps_key=None)), args.resume).job
+    overrides = _job_overrides(args, JOBS[job or SweepSettings.job].steps_key)
     cfg = load_config(args.config, overrides)
     # The settings typed, the rest SweepSettings' defaults: a resume checks those typed against its own.
     given = {name: getattr(args, name) for name in ("job", "num_samples", "seeds", "scheduler", "max_concurrent",

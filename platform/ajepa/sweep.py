@@ -522,6 +522,20 @@ def _not_tunes_resume_hint(record: logging.LogRecord) -> bool:
     return not record.getMessage().startswith("Experiment has been interrupted")
 
 
+def resumed_settings(cfg: Config, resume: str) -> SweepSettings:
+    """The saved settings of the sweep that `resume` names (a folder, or a name under cfg's run.out_dir)."""
+    out, name = runs.resolve_resume(resume, storage.resolve(cfg.run.out_dir))
+    return _settings_of(runs.read_run_file(out / name / runs.RUN_FILE), out / name / runs.RUN_FILE)
+
+
+def _settings_of(record: dict[str, Any], run_file: Location) -> SweepSettings:
+    try:
+        return SweepSettings(**record["sweep"])
+    except (KeyError, TypeError) as exc:
+        raise ConfigError(f"{run_file}: not a sweep's run record ({type(exc).__name__}: {exc}); a pretraining or "
+                          "fine-tuning run resumes with its own job's --resume") from None
+
+
 def _check_kept(plan: runs.RunPlan, saved: SweepSettings, settings: SweepSettings, given: Collection[str],
                 space_file: str | Path | None) -> None:
     """A resumed sweep runs with the settings and space it started with: the ones `given` again (the flags the
@@ -564,7 +578,7 @@ def run_sweep(cfg: Config, space_file: str | Path | Location | None, settings: S
     plan = runs.plan_run("sweep", cfg, resume, overrides)
     cfg = plan.cfg
     if plan.resumed:
-        saved = SweepSettings(**plan.record["sweep"])
+        saved = _settings_of(plan.record, plan.run_dir / runs.RUN_FILE)
         _check_kept(plan, saved, settings, given, space_file)
         settings, space_file, store = saved, plan.run_dir / SPACE_FILE, runs.resumed_store(plan, store)
     if space_file is None:

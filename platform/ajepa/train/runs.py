@@ -463,11 +463,16 @@ def plan_run(job: str, cfg: Config, resume: str | None, overrides: list[str],
         out, name = resolve_resume(resume, out)
         saved = read_run_file(out / name / RUN_FILE)
         cfg = config_from_dict(saved["config"], overrides, source=str(out / name / RUN_FILE))
-        if job not in STEPS_KEY:  # a sweep: Tune resumes its trials with the configs they started with
-            return RunPlan(job, cfg, out, name, True, saved, trial)
         before, after = config_from_dict(saved["config"]).flat(), cfg.flat()
         changes = {key: (before[key], after[key]) for key in after
                    if before[key] != after[key] and key != "run.out_dir"}  # where it lives is its folder's
+        if job not in STEPS_KEY:  # a sweep
+            plan = RunPlan(job, cfg, out, name, True, saved, trial, changes=changes)
+            if changes:  # Tune resumes its started trials with their own configs: a change would reach only the rest
+                raise ConfigError(f"--resume {resume}: {plan.changes_text()}: a resumed sweep runs its trials with "
+                                  "the config it started with, as its earlier trials ran; start a new sweep for "
+                                  "another", next(iter(changes)))
+            return plan
 
         def finished() -> bool:
             # Tune starts again a trial whose job had not returned, even one whose run had just ended: a trial
