@@ -565,6 +565,11 @@ def test_in_process_run_keeps_its_checkpoints_and_resumes_from_them_with_the_cha
     exported = load_file(str(resumed.encoder))
     (run_dir / pretrain.ENCODER_FILE).unlink()
     client.set_terminated(resumed.mlflow_run_id, "KILLED")
+    with pytest.raises(ConfigError, match=re.escape("--resume inproc: optim.lr 0.001 -> 0.1: its last checkpoint is "
+                                                    "its last step (8), so the resume only finishes the run")):
+        pretrain.run_pretrain(load_config(None, [f"run.out_dir={tmp_path}"]), resume="inproc",
+                              overrides=["optim.lr=0.1"])
+    assert (run_dir / pretrain.RUN_FILE).read_text() == record
     capsys.readouterr()
     finished = pretrain.run_pretrain(load_config(None, [f"run.out_dir={tmp_path}"]), resume="inproc")
     assert ", resumed at step 8: its last step, so it only finishes (the export)\n" in capsys.readouterr().out

@@ -400,7 +400,7 @@ class RunPlan:
     changes: dict[str, tuple[Any, Any]] = field(default_factory=dict)  # key -> (the run's value, the resume's)
 
     def changes_text(self) -> str:
-        return "; ".join(f"{key} {before} -> {after}" for key, (before, after) in self.changes.items())
+        return changes_text(self.changes)
 
     @property
     def finishing(self) -> bool:
@@ -421,6 +421,10 @@ class RunPlan:
         return self.out / self.name
 
 
+def changes_text(changes: dict[str, tuple[Any, Any]]) -> str:
+    return "; ".join(f"{key} {before} -> {after}" for key, (before, after) in changes.items())
+
+
 STEPS_KEY = {"pretrain": "optim.steps", "finetune": "finetune.steps"}  # what --steps sets, per training job
 _ENCODER_SHAPE = ("model.patch_size", "model.embed_dim", "model.depth", "model.num_heads", "model.mlp_ratio")
 # The settings that make the weights a job's checkpoints hold: a resumed run keeps them, since other values would
@@ -434,7 +438,8 @@ def check_resumable(job: str, steps: int, changes: dict[str, tuple[Any, Any]], r
     """The step a resume continues from (its last checkpoint's, 0 without one). Refused, before anything is
     written or started: `changes` (the overrides' effect on the run's config) to its model, or a step count
     that the last checkpoint has already reached, which would train nothing. A last checkpoint at the last step
-    of a run that has not `finished` is not refused: the run stopped before its export, and the job finishes it."""
+    of a run that has not `finished` is not refused: the run stopped before its export, and the job finishes it
+    (without changes: nothing trains with them)."""
     if model := [key for key in CHECKPOINT_SHAPE[job] if key in changes]:
         values = "; ".join(f"{key} {changes[key][1]} (the run's is {changes[key][0]})" for key in model)
         raise ConfigError(f"--resume {resume}: {values}: a resumed run keeps the model its checkpoints hold; start "
@@ -443,6 +448,11 @@ def check_resumable(job: str, steps: int, changes: dict[str, tuple[Any, Any]], r
     reached = int(checkpoints[-1].name.removeprefix("step_")) if checkpoints else 0
     steps_key = STEPS_KEY[job]
     if reached == steps and not finished():
+        if changes:
+            raise ConfigError(f"--resume {resume}: {changes_text(changes)}: its last checkpoint is its last step "
+                              f"({reached}), so the resume only finishes the run (the export) and nothing would "
+                              "train with that; resume without it, or give more steps (--steps N) to train on",
+                              next(iter(changes)))
         return reached
     if reached >= steps:
         raise ConfigError(f"--resume {resume}: nothing to train: its last checkpoint is step {reached} and "
