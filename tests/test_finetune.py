@@ -250,6 +250,15 @@ def test_bad_input_stops_before_training_naming_the_field_or_file(case, stores, 
     assert not out.exists(), "nothing is written before the checks"
 
 
+@pytest.mark.parametrize("job", [["finetune"], ["sweep", "--job", "finetune", "--space", "finetune"]])
+def test_a_missing_encoder_is_refused_before_the_demo_store_is_built(job, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("AJEPA_CACHE", str(tmp_path / "cache"))  # no demo store yet: it would take minutes to build
+    nowhere = tmp_path / "nowhere"
+    assert cli.main([*job, "--checkpoint", str(nowhere), "--out", str(tmp_path / "runs")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: --checkpoint {nowhere}: no run, checkpoint or export there")
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "runs").exists()
+
+
 # ------------------------------------------------------------------------------------ real Ray Train
 
 

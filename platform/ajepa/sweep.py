@@ -439,12 +439,20 @@ class SweepResult:
     tracking_uri: str
 
 
-def _job_check(cfg: Config, settings: SweepSettings, store: Location,
-               stats: dict[str, Any]) -> tuple[Callable[[Config], None], str | None]:
-    """The job's own checks of a config against the store, run on the base config and on every value of the
-    space before any trial starts; and, for fine-tuning, the encoder checked once and resolved to the file it
-    was read from, which every trial starts from (a run's newest checkpoint now, even while that run trains on)."""
+def _encoder_file(cfg: Config, settings: SweepSettings) -> str | None:
+    """A fine-tuning sweep's encoder, checked once and resolved to the file it was read from, which every trial
+    starts from (a run's newest checkpoint now, even while that run trains on)."""
     if settings.job == "pretrain":
+        return None
+    from ajepa.train.finetune import pretrained_encoder
+
+    return pretrained_encoder(cfg, settings.checkpoint)[2]
+
+
+def _job_check(job: str, store: Location, stats: dict[str, Any]) -> Callable[[Config], None]:
+    """The job's own checks of a config against the store, run on the base config and on every value of the
+    space before any trial starts."""
+    if job == "pretrain":
         from ajepa.masking import validate_masks
         from ajepa.train.pretrain import patch_grid
 
@@ -452,14 +460,14 @@ def _job_check(cfg: Config, settings: SweepSettings, store: Location,
             validate_masks(c.mask, patch_grid(c))
             runs.check_store(c, stats, store, c.run.workers)
 
-        return check, None
-    from ajepa.train.finetune import pretrained_encoder, task_of
+        return check
+    from ajepa.train.finetune import task_of
 
     def check(c: Config) -> None:
         runs.check_store(c, stats, store, c.run.workers)
         task_of(c, store)
 
-    return check, pretrained_encoder(cfg, settings.checkpoint)[2]
+    return check
 
 
 def _tuner(plan: runs.RunPlan, space: SearchSpace, settings: SweepSettings, setup: TrialSetup, seeds: list[int],
@@ -589,11 +597,12 @@ def run_sweep(cfg: Config, space_file: str | Path | Location | None, settings: S
     space_copy = space_file.local_copy() if isinstance(space_file, Location) else contextlib.nullcontext(space_file)
     with space_copy as local_space:
         space = load_space(local_space, cfg, settings.seeds)
-    store = runs.resolve_store(cfg, store)
-    stats = data.read_stats(store)
-    check, checkpoint = _job_check(cfg, settings, store, stats)
+    checkpoint = _encoder_file(cfg, settings)  # before a demo store is built (minutes, the first time)
     if plan.resumed:  # its trials continue with the encoder they started from, as the sweep recorded it
         checkpoint = settings.checkpoint
+    store = runs.resolve_store(cfg, store)
+    stats = data.read_stats(store)
+    check = _job_check(settings.job, store, stats)
     check(cfg)
     space.check(cfg, check)
     seeds = [cfg.run.seed + i for i in range(settings.seeds)]

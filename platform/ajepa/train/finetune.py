@@ -413,15 +413,15 @@ def run_finetune(cfg: Config, checkpoint: str | None = None, *, store: str | Pat
             # Deleted since (a pretraining run keeps its newest checkpoints only): the run's own checkpoint holds
             # every weight it resumes with, so the encoder is only checked, as it was named.
             checkpoint = plan.record["checkpoint"]
-    else:
-        store = runs.resolve_store(cfg, store)
     if checkpoint is None:
         raise ConfigError("--checkpoint is required: a pretraining run, checkpoint or encoder export, or none (the "
                           "from-scratch baseline)")
+    encoder_state, source, encoder_file = pretrained_encoder(cfg, checkpoint)  # before a demo store is built
+    if not plan.resumed:
+        store = runs.resolve_store(cfg, store)
     stats = data.read_stats(store)
     runs.check_store(cfg, stats, store, cfg.run.workers)
     task = task_of(cfg, store)
-    encoder_state, source, encoder_file = pretrained_encoder(cfg, checkpoint)
     train_files = data.train_files(store, cfg.finetune.train_fraction)
     if (clips := sum(train_files.rows)) < cfg.data.batch_size * max(cfg.run.workers, 1):
         raise ConfigError(f"finetune.train_fraction: {cfg.finetune.train_fraction} of {store}'s train clips is "
