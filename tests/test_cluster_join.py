@@ -3,6 +3,9 @@ started on the node without RAY_ADDRESS (as `ray exec` / `ray attach` do) joins 
 runs the store build (its Ray Data workers import ajepa) and pretraining with the job's own runtime_env."""
 
 import json
+import os
+import re
+import signal
 import socket
 import subprocess
 import sys
@@ -12,7 +15,7 @@ import mlflow
 import pytest
 import soundfile as sf
 from ajepa import runtime
-from conftest import MICRO, RAY, ray_head, submit_job, tone
+from conftest import MICRO, RAY, free_port, ray_head, submit_job, tone
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -137,6 +140,39 @@ def test_a_submitted_job_with_its_own_runtime_env_runs_and_sees_its_env_vars(hea
     (run_dir,) = (tmp_path / "runs").iterdir()
     assert (run_dir / "run.json").exists() and [p.parent.name for p in run_dir.glob("step_*/pretrain.pt")] == [
         "step_00000002"]
+
+
+@pytest.mark.slow
+def test_a_job_without_room_on_the_cluster_says_what_it_waits_for_and_trains_once_a_node_joins(head, joined, tmp_path):
+    """Train would wait for its workers' resources saying nothing; on a cluster (unlike a local Ray, refused in
+    test_sweep) an autoscaler may add them, as the node started here does."""
+    store, _ = joined
+    sets = [*(kv for kv in MICRO if not kv.startswith("optim.steps=")), "data.batch_size=2",
+            "run.cpus_per_worker=1", "run.torch_threads=1", "run.log_every=1", "eval.every=0"]
+    job = subprocess.Popen([sys.executable, str(ROOT / "jobs" / "pretrain.py"), "--data", str(store), "--out",
+                            str(tmp_path / "runs"), "--workers", "3", "--steps", "2",
+                            *(arg for kv in sets for arg in ("--set", kv))],
+                           env=head.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    node = None
+    try:
+        while not (line := job.stdout.readline()).startswith("waiting for room"):
+            assert line, "the job ended without waiting"
+        assert re.fullmatch(r"waiting for room: 3 workers x 1 CPU, and the cluster has 2 CPUs and \d+ GPUs now; "
+                            r"training starts when nodes join \(an autoscaler adds them; Ctrl-C to stop\)\n", line)
+        ports = [f"--{name}={free_port()}" for name in (
+            "node-manager-port", "object-manager-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+            "runtime-env-agent-port", "metrics-export-port")]
+        node = subprocess.Popen([RAY, "start", f"--address={head.gcs}", "--num-cpus=1", "--block", *ports],
+                                env=head.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
+        rest = job.communicate(timeout=300)[0]
+        assert job.returncode == 0, rest[-3000:]
+        assert re.search(r"pretrained pretrain-\S+: 2 steps", rest), rest[-3000:]
+    finally:
+        job.kill()
+        if node is not None:
+            os.killpg(node.pid, signal.SIGTERM)
+            node.wait(timeout=60)
 
 
 @pytest.mark.slow

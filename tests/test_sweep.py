@@ -5,6 +5,7 @@ stopping a trial of a fine-tuning sweep against the rungs from before an interru
 import json
 import math
 import os
+import re
 import signal
 import threading
 import time
@@ -14,6 +15,7 @@ from pathlib import Path
 import mlflow
 import mlflow_browser
 import pytest
+import ray
 from ajepa import cli, data, storage, tracking
 from ajepa.config import ConfigError, load_config
 from ajepa.eval import EvalError, load_encoder
@@ -30,7 +32,8 @@ from ajepa.sweep import (
     run_sweep,
 )
 from ajepa.train import runs
-from ajepa.train.pretrain import patch_grid
+from ajepa.train.finetune import run_finetune
+from ajepa.train.pretrain import patch_grid, run_pretrain
 from conftest import micro_cfg, write_low_high_tones
 from mlflow_browser import page_shows
 from ray.util import placement_group_table
@@ -157,6 +160,28 @@ def tone_store(tmp_path_factory, ray_local):
     (root / "manifest.csv").write_text("path,label,split\n" + "".join(f"{p},{lab},{s}\n" for p, lab, s in rows))
     audio = load_config(ROOT / "configs" / "tiny.yaml").audio
     return data.build_store(root / "manifest.csv", root / "store", audio).out
+
+
+@pytest.mark.parametrize("job", ["pretrain", "finetune", "sweep"])
+def test_workers_the_local_ray_cannot_hold_are_refused_before_anything_is_written(job, tmp_path, tone_store):
+    # Train would wait for them for good, saying nothing. More GPUs than the machine has, whatever it has.
+    gpus = ray.cluster_resources().get("GPU", 0.0)
+    cases = {"pretrain": (["run.workers=3"], f"run.workers: 3 workers x 1 CPU do not fit the local Ray (this machine: "
+                                             f"2 CPUs and {gpus:g} GPUs), and Train would wait for them for good"),
+             "finetune": ([f"run.gpus_per_worker={gpus + 1:g}"], f"run.gpus_per_worker: 1 worker x 1 CPU and "
+                                                                 f"{gpus + 1:g} GPU do not fit the local Ray"),
+             "sweep": (["run.workers=2"], "run.workers: 2 workers x 1 CPU (and 0.1 CPU for the trial's own process) "
+                                          "do not fit the local Ray")}
+    sets, message = cases[job]
+    cfg = micro_cfg("run.cpus_per_worker=1", "data.batch_size=2", f"run.out_dir={tmp_path / 'runs'}", *sets)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        if job == "pretrain":
+            run_pretrain(cfg, store=tone_store)
+        elif job == "finetune":
+            run_finetune(cfg, "none", store=tone_store)
+        else:
+            run_sweep(cfg, space_file(tmp_path, "optim.lr: {grid: [1.0e-4]}\n"), SweepSettings(), store=tone_store)
+    assert not (tmp_path / "runs").exists()
 
 
 def sweep_cfg(out: Path, *extra: str):

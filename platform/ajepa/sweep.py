@@ -577,11 +577,10 @@ def run_sweep(cfg: Config, space_file: str | Path | Location | None, settings: S
     """Run a sweep, or with `resume` (its name under run.out_dir, or its folder) continue one: its settings and
     space are the saved ones; `given` names the `settings` fields the user set, which a resume checks against the
     saved ones, as it does `space_file`. The settings, the space and each of its values are checked before Ray
-    starts."""
+    starts, then that the cluster has room for a trial."""
     import ray
 
     from ajepa import data
-    from ajepa.runtime import init_ray
 
     plan = runs.plan_run("sweep", cfg, resume, overrides)
     cfg = plan.cfg
@@ -616,12 +615,12 @@ def run_sweep(cfg: Config, space_file: str | Path | Location | None, settings: S
         params[SEED_KEY] = f"grid{seeds}"
     record = {"sweep": dataclasses.asdict(dataclasses.replace(settings, checkpoint=checkpoint)),
               "space_file": str(space_file)}
+    runs.check_cluster_room(cfg, TRIAL_DRIVER_CPUS)
     with runs.open_run(plan, store, params, record) as tracker:
         if not plan.resumed:
             with (plan.run_dir / SPACE_FILE).local_file() as saved:
                 saved.write_bytes(Path(space_file).read_bytes())
                 tracker.log_artifact(saved)
-        init_ray()
         concurrent = settings.max_concurrent or max_concurrent(cfg, ray.cluster_resources())
         print(f"sweep {plan.name}: {total} {settings.job} trials ({settings.num_samples} samples x {space.grid_size()} "
               f"grid x {len(seeds)} seeds), objective {settings.metric} ({settings.mode}), "

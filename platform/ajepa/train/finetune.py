@@ -398,7 +398,8 @@ def recorded_checkpoint(checkpoint: str) -> str:
 def run_finetune(cfg: Config, checkpoint: str | None = None, *, store: str | Path | Location | None = None,
                  resume: str | None = None, overrides: list[str] = (),
                  trial: runs.SweepTrial | None = None) -> FinetuneResult:
-    """Fine-tune on Ray Train. The checkpoint, the store's labels and the loss are checked before Ray starts."""
+    """Fine-tune on Ray Train. The checkpoint, the store's labels and the loss are checked before Ray starts, then
+    that the cluster has room for the run's workers."""
     from ajepa import data
 
     plan = runs.plan_run("finetune", cfg, resume, overrides, trial)
@@ -427,6 +428,8 @@ def run_finetune(cfg: Config, checkpoint: str | None = None, *, store: str | Pat
         raise ConfigError(f"finetune.train_fraction: {cfg.finetune.train_fraction} of {store}'s train clips is "
                           f"{clips}, less than one batch of {cfg.data.batch_size} on each of "
                           f"{max(cfg.run.workers, 1)} workers")
+    if trial is None:  # a sweep checks its trials' room once
+        runs.check_cluster_room(cfg)
 
     params = {"checkpoint": source, "data.store_path": str(store), "data.train_clips": clips,
               "data.mean": stats["mean"], "data.std": stats["std"], "classes": len(task.classes),

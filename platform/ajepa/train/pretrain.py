@@ -275,7 +275,8 @@ def _check_eval_store(cfg: Config, store: Location) -> Location | None:
 
 def run_pretrain(cfg: Config, *, store: str | Path | Location | None = None, resume: str | None = None,
                  overrides: list[str] = (), trial: runs.SweepTrial | None = None) -> PretrainResult:
-    """Pretrain on Ray Train. Everything that can be checked is checked before a cluster is started."""
+    """Pretrain on Ray Train. Everything that can be checked is checked before a cluster is started, then that
+    the cluster has room for the run's workers."""
     from ajepa import data
     from ajepa.masking import plot_mask_examples
 
@@ -287,6 +288,8 @@ def run_pretrain(cfg: Config, *, store: str | Path | Location | None = None, res
     stats = data.read_stats(store)
     runs.check_store(cfg, stats, store, cfg.run.workers)
     eval_store = _check_eval_store(cfg, store)
+    if trial is None:  # a sweep checks its trials' room once
+        runs.check_cluster_room(cfg)
 
     params = {"data.store_path": str(store), "data.train_clips": stats["counts"]["train"], "data.mean": stats["mean"],
               "data.std": stats["std"]}

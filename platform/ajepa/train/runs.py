@@ -310,6 +310,38 @@ def workers_text(workers: int) -> str:
     return f"on {workers} worker{'s' if workers > 1 else ''}"
 
 
+def check_cluster_room(cfg: Config, driver_cpus: float = 0.0) -> None:
+    """Start Ray (or join the cluster) and check that it has the CPUs and GPUs of the run's Train workers
+    (run.workers x run.cpus_per_worker, x run.gpus_per_worker) and `driver_cpus` more (a sweep trial's own
+    process): Train would otherwise wait for them for good, saying nothing. A local Ray without them is refused
+    before anything is written; a cluster's autoscaler may still add nodes, so a job that joins one is told what
+    it waits for, and waits."""
+    import ray
+
+    from ajepa.runtime import cluster_address, init_ray
+
+    init_ray()
+    run = cfg.run
+    if run.workers == 0:  # in this process: no workers to place
+        return
+    need = {"CPU": run.workers * run.cpus_per_worker + driver_cpus, "GPU": run.workers * run.gpus_per_worker}
+    have = ray.cluster_resources()
+    if all(have.get(kind, 0.0) + 1e-9 >= amount for kind, amount in need.items()):
+        return
+    asked = f"{run.workers} worker{'s' if run.workers > 1 else ''} x {run.cpus_per_worker:g} CPU" + (
+        f" and {run.gpus_per_worker:g} GPU" if run.gpus_per_worker else "") + (
+        f" (and {driver_cpus:g} CPU for the trial's own process)" if driver_cpus else "")
+    held = f"{have.get('CPU', 0.0):g} CPUs and {have.get('GPU', 0.0):g} GPUs"
+    if cluster_address()[0] is None:
+        key = "run.gpus_per_worker" if have.get("GPU", 0.0) + 1e-9 < need["GPU"] else "run.workers"
+        raise ConfigError(f"{key}: {asked} do not fit the local Ray (this machine: {held}), and Train would wait "
+                          "for them for good; give fewer workers (--workers N, or 0 to train in this process), "
+                          "fewer CPUs or GPUs each (run.cpus_per_worker, --gpus-per-worker), or join a cluster "
+                          "(RAY_ADDRESS)", key)
+    print(f"waiting for room: {asked}, and the cluster has {held} now; training starts when nodes join (an "
+          "autoscaler adds them; Ctrl-C to stop)", flush=True)
+
+
 def resolve_store(cfg: Config, store: str | Path | Location | None) -> Location:
     """--data, else data.store, else the built-in demo store (built on first use): a local path or a URI."""
     from ajepa import data
