@@ -140,6 +140,8 @@ def test_evaluate_job_scores_a_known_task_and_logs_to_mlflow(tmp_path, stores):
     assert result.metrics["probe/linear_acc"] == 1.0 and result.metrics["probe/knn_acc"] == 1.0
     assert result.metrics["probe/linear_val_acc"] == 1.0  # val, for selection: the same probe before its refit
     assert "linear probe" in result.table and "100.0%" in result.table and "train 12, val 6, test 6" in result.table
+    scores = [line for line in result.table.splitlines() if line.endswith("%")]
+    assert len(scores) == 2 and len({line.index("%") for line in scores}) == 1, "the scores in one column"
     run = mlflow.MlflowClient(result.tracking_uri).get_run(result.mlflow_run_id)
     assert run.info.status == "FINISHED" and run.data.metrics["probe/linear_acc"] == 1.0
     assert run.data.params["clips.test"] == "6" and run.data.tags["ajepa.job"] == "evaluate"

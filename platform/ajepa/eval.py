@@ -414,17 +414,20 @@ class EvaluateResult:
 
 def format_table(loaded: LoadedEncoder, probe_sets: list[ProbeSet], metrics: dict[str, float], cfg: EvalConfig) -> str:
     pooling = "all real tokens" if cfg.pool == "mean" else "time, per frequency row (rows concatenated)"
-    lines = [f"encoder: {loaded.source}", f"store:   {probe_sets[0].store}", f"pooled:  over {pooling}"]
+    lines: list[str | tuple[str, float]] = [f"encoder: {loaded.source}", f"store:   {probe_sets[0].store}",
+                                             f"pooled:  over {pooling}"]
     for p in probe_sets:
         m, prefix = p.metric, f"probe/{p.task}/" if p.task else "probe/"
         counts = ", ".join(f"{s} {len(a)}" for s, a in p.arrays.items())
         kind = "multi-label, mAP" if m == "map" else "accuracy"
         n_classes = len(p.labels["train"].classes)
         lines += [f"{'task ' + p.task if p.task else 'clips'}: {counts}; {n_classes} classes, {kind}",
-                  f"  linear probe (L2 {metrics[prefix + 'linear_l2']:g} chosen on val)  "
-                  f"{100 * metrics[f'{prefix}linear_{m}']:6.1f}%",
-                  f"  kNN (k={cfg.knn_k}, cosine)                         {100 * metrics[f'{prefix}knn_{m}']:6.1f}%"]
-    return "\n".join(lines)
+                  (f"linear probe (L2 {metrics[prefix + 'linear_l2']:g} chosen on val)",
+                   metrics[f"{prefix}linear_{m}"]),
+                  (f"kNN (k={cfg.knn_k}, cosine)", metrics[f"{prefix}knn_{m}"])]
+    width = max(len(line[0]) for line in lines if isinstance(line, tuple))  # the scores in one column
+    return "\n".join(line if isinstance(line, str) else f"  {line[0]:<{width}}  {100 * line[1]:5.1f}%"
+                     for line in lines)
 
 
 def run_evaluate(cfg: Config, checkpoint: str, store: str | Path | Location | None = None) -> EvaluateResult:
