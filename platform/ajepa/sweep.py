@@ -615,7 +615,7 @@ def run_sweep(cfg: Config, space_file: str | Path | Location | None, settings: S
         params[SEED_KEY] = f"grid{seeds}"
     record = {"sweep": dataclasses.asdict(dataclasses.replace(settings, checkpoint=checkpoint)),
               "space_file": str(space_file)}
-    runs.check_cluster_room(cfg, TRIAL_DRIVER_CPUS)
+    runs.check_cluster_room(plan, TRIAL_DRIVER_CPUS)
     with runs.open_run(plan, store, params, record) as tracker:
         if not plan.resumed:
             with (plan.run_dir / SPACE_FILE).local_file() as saved:

@@ -428,8 +428,7 @@ def run_finetune(cfg: Config, checkpoint: str | None = None, *, store: str | Pat
         raise ConfigError(f"finetune.train_fraction: {cfg.finetune.train_fraction} of {store}'s train clips is "
                           f"{clips}, less than one batch of {cfg.data.batch_size} on each of "
                           f"{max(cfg.run.workers, 1)} workers")
-    if trial is None:  # a sweep checks its trials' room once
-        runs.check_cluster_room(cfg)
+    runs.check_cluster_room(plan)
 
     params = {"checkpoint": source, "data.store_path": str(store), "data.train_clips": clips,
               "data.mean": stats["mean"], "data.std": stats["std"], "classes": len(task.classes),

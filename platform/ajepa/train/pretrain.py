@@ -288,8 +288,7 @@ def run_pretrain(cfg: Config, *, store: str | Path | Location | None = None, res
     stats = data.read_stats(store)
     runs.check_store(cfg, stats, store, cfg.run.workers)
     eval_store = _check_eval_store(cfg, store)
-    if trial is None:  # a sweep checks its trials' room once
-        runs.check_cluster_room(cfg)
+    runs.check_cluster_room(plan)
 
     params = {"data.store_path": str(store), "data.train_clips": stats["counts"]["train"], "data.mean": stats["mean"],
               "data.std": stats["std"]}

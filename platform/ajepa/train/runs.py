@@ -310,19 +310,19 @@ def workers_text(workers: int) -> str:
     return f"on {workers} worker{'s' if workers > 1 else ''}"
 
 
-def check_cluster_room(cfg: Config, driver_cpus: float = 0.0) -> None:
+def check_cluster_room(plan: RunPlan, driver_cpus: float = 0.0) -> None:
     """Start Ray (or join the cluster) and check that it has the CPUs and GPUs of the run's Train workers
     (run.workers x run.cpus_per_worker, x run.gpus_per_worker) and `driver_cpus` more (a sweep trial's own
     process): Train would otherwise wait for them for good, saying nothing. A local Ray without them is refused
     before anything is written; a cluster's autoscaler may still add nodes, so a job that joins one is told what
-    it waits for, and waits."""
+    it waits for, and waits. A sweep's trial is not checked: its sweep checked the room for one."""
     import ray
 
     from ajepa.runtime import cluster_address, init_ray
 
     init_ray()
-    run = cfg.run
-    if run.workers == 0:  # in this process: no workers to place
+    run = plan.cfg.run
+    if run.workers == 0 or plan.trial is not None:  # in this process: no workers to place; a trial: see above
         return
     need = {"CPU": run.workers * run.cpus_per_worker + driver_cpus, "GPU": run.workers * run.gpus_per_worker}
     have = ray.cluster_resources()
@@ -509,12 +509,11 @@ def plan_run(job: str, cfg: Config, resume: str | None, overrides: list[str],
         changes = {key: (before[key], after[key]) for key in after
                    if before[key] != after[key] and key != "run.out_dir"}  # where it lives is its folder's
         if job not in STEPS_KEY:  # a sweep
-            plan = RunPlan(job, cfg, out, name, True, saved, trial, changes=changes)
             if changes:  # Tune resumes its started trials with their own configs: a change would reach only the rest
-                raise ConfigError(f"--resume {resume}: {plan.changes_text()}: a resumed sweep runs its trials with "
+                raise ConfigError(f"--resume {resume}: {changes_text(changes)}: a resumed sweep runs its trials with "
                                   "the config it started with, as its earlier trials ran; start a new sweep for "
                                   "another", next(iter(changes)))
-            return plan
+            return RunPlan(job, cfg, out, name, True, saved, trial)
 
         def finished() -> bool:
             # Tune starts again a trial whose job had not returned, even one whose run had just ended: a trial
