@@ -1,6 +1,7 @@
 """Which Ray a job uses (runtime.cluster_address), and jobs on one real `ray start` head with token auth: one
 started on the node without RAY_ADDRESS (as `ray exec` / `ray attach` do) joins it; `ray job submit --working-dir .`
-runs the store build (its Ray Data workers import ajepa) and pretraining with the job's own runtime_env."""
+runs the store build (its Ray Data workers import ajepa) and pretraining with the job's own runtime_env; a job
+without room for its workers (in all, or on any one node) says what it waits for."""
 
 import json
 import os
@@ -9,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import mlflow
@@ -142,21 +144,33 @@ def test_a_submitted_job_with_its_own_runtime_env_runs_and_sees_its_env_vars(hea
         "step_00000002"]
 
 
+def line_starting(job: subprocess.Popen, prefix: str, timeout_s: float = 120) -> str:
+    """The job's first output line that starts with `prefix`; the job is killed if none came in `timeout_s`."""
+    killer = threading.Timer(timeout_s, job.kill)
+    killer.start()
+    try:
+        while not (line := job.stdout.readline()).startswith(prefix):
+            assert line, f"the job ended (or was killed after {timeout_s:g} s) without a line starting {prefix!r}"
+        return line
+    finally:
+        killer.cancel()
+
+
 @pytest.mark.slow
 def test_a_job_without_room_on_the_cluster_says_what_it_waits_for_and_trains_once_a_node_joins(head, joined, tmp_path):
     """Train would wait for its workers' resources saying nothing; on a cluster (unlike a local Ray, refused in
-    test_sweep) an autoscaler may add them, as the node started here does."""
+    test_sweep) an autoscaler may add them, as the node started here does. A worker larger than any node waits
+    too, whatever the cluster's total."""
     store, _ = joined
     sets = [*(kv for kv in MICRO if not kv.startswith("optim.steps=")), "data.batch_size=2",
             "run.cpus_per_worker=1", "run.torch_threads=1", "run.log_every=1", "eval.every=0"]
-    job = subprocess.Popen([sys.executable, str(ROOT / "jobs" / "pretrain.py"), "--data", str(store), "--out",
-                            str(tmp_path / "runs"), "--workers", "3", "--steps", "2",
-                            *(arg for kv in sets for arg in ("--set", kv))],
-                           env=head.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    pretrain = [sys.executable, str(ROOT / "jobs" / "pretrain.py"), "--data", str(store), "--out",
+                str(tmp_path / "runs"), "--steps", "2", *(arg for kv in sets for arg in ("--set", kv))]
+    job = subprocess.Popen([*pretrain, "--workers", "3"], env=head.env, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)
     node = None
     try:
-        while not (line := job.stdout.readline()).startswith("waiting for room"):
-            assert line, "the job ended without waiting"
+        line = line_starting(job, "waiting for room")
         assert re.fullmatch(r"waiting for room: 3 workers x 1 CPU, and the cluster has 2 CPUs and \d+ GPUs now; "
                             r"training starts when nodes join \(an autoscaler adds them; Ctrl-C to stop\)\n", line)
         ports = [f"--{name}={free_port()}" for name in (
@@ -168,6 +182,13 @@ def test_a_job_without_room_on_the_cluster_says_what_it_waits_for_and_trains_onc
         rest = job.communicate(timeout=300)[0]
         assert job.returncode == 0, rest[-3000:]
         assert re.search(r"pretrained pretrain-\S+: 2 steps", rest), rest[-3000:]
+        # Now 3 CPUs in all, but a worker's 3 CPUs must be on one node, and neither has them.
+        job = subprocess.Popen([*pretrain, "--workers", "1", "--set", "run.cpus_per_worker=3"], env=head.env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        line = line_starting(job, "waiting for room")
+        assert re.fullmatch(r"waiting for room: 1 worker x 3 CPU, and the cluster has 3 CPUs and \d+ GPUs now, on "
+                            r"nodes that hold 0 of those workers \(the largest has 2 CPUs and \d+ GPUs\); training "
+                            r"starts when nodes join \(an autoscaler adds them; Ctrl-C to stop\)\n", line)
     finally:
         job.kill()
         if node is not None:

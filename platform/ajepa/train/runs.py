@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import os
 import shutil
 import signal
@@ -313,9 +314,10 @@ def workers_text(workers: int) -> str:
 def check_cluster_room(plan: RunPlan, driver_cpus: float = 0.0) -> None:
     """Start Ray (or join the cluster) and check that it has the CPUs and GPUs of the run's Train workers
     (run.workers x run.cpus_per_worker, x run.gpus_per_worker) and `driver_cpus` more (a sweep trial's own
-    process): Train would otherwise wait for them for good, saying nothing. A local Ray without them is refused
-    before anything is written; a cluster's autoscaler may still add nodes, so a job that joins one is told what
-    it waits for, and waits. A sweep's trial is not checked: its sweep checked the room for one."""
+    process), with each worker's share on one node: Train would otherwise wait for them for good, saying nothing.
+    A local Ray without them is refused before anything is written; a cluster's autoscaler may still add nodes,
+    so a job that joins one is told what it waits for, and waits. A sweep's trial is not checked: its sweep
+    checked the room for one."""
     import ray
 
     from ajepa.runtime import cluster_address, init_ray
@@ -324,22 +326,34 @@ def check_cluster_room(plan: RunPlan, driver_cpus: float = 0.0) -> None:
     run = plan.cfg.run
     if run.workers == 0 or plan.trial is not None:  # in this process: no workers to place; a trial: see above
         return
-    need = {"CPU": run.workers * run.cpus_per_worker + driver_cpus, "GPU": run.workers * run.gpus_per_worker}
+    worker = {"CPU": run.cpus_per_worker, "GPU": run.gpus_per_worker}
+    need = {kind: run.workers * amount for kind, amount in worker.items()}
+    need["CPU"] += driver_cpus
     have = ray.cluster_resources()
-    if all(have.get(kind, 0.0) + 1e-9 >= amount for kind, amount in need.items()):
+    nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
+    # Train places each worker's bundle whole on one node: the cluster's total can hold workers its nodes cannot.
+    places = sum(min(math.floor(node.get(kind, 0.0) / amount + 1e-9) for kind, amount in worker.items() if amount)
+                 for node in nodes)
+    in_total = all(have.get(kind, 0.0) + 1e-9 >= amount for kind, amount in need.items())
+    if in_total and places >= run.workers:
         return
     asked = f"{run.workers} worker{'s' if run.workers > 1 else ''} x {run.cpus_per_worker:g} CPU" + (
         f" and {run.gpus_per_worker:g} GPU" if run.gpus_per_worker else "") + (
         f" (and {driver_cpus:g} CPU for the trial's own process)" if driver_cpus else "")
     held = f"{have.get('CPU', 0.0):g} CPUs and {have.get('GPU', 0.0):g} GPUs"
-    if cluster_address()[0] is None:
+    if cluster_address()[0] is None:  # one node: its total is what a worker's bundle can use
         key = "run.gpus_per_worker" if have.get("GPU", 0.0) + 1e-9 < need["GPU"] else "run.workers"
         raise ConfigError(f"{key}: {asked} do not fit the local Ray (this machine: {held}), and Train would wait "
                           "for them for good; give fewer workers (--workers N, or 0 to train in this process), "
                           "fewer CPUs or GPUs each (run.cpus_per_worker, --gpus-per-worker), or join a cluster "
                           "(RAY_ADDRESS)", key)
-    print(f"waiting for room: {asked}, and the cluster has {held} now; training starts when nodes join (an "
-          "autoscaler adds them; Ctrl-C to stop)", flush=True)
+    on_nodes = ""
+    if in_total or places == 0:  # the nodes, not only the total, keep the workers out
+        largest = max(nodes, key=lambda node: (node.get("GPU", 0.0), node.get("CPU", 0.0)))
+        on_nodes = (f", on nodes that hold {places} of those workers (the largest has {largest.get('CPU', 0.0):g} "
+                    f"CPUs and {largest.get('GPU', 0.0):g} GPUs)")
+    print(f"waiting for room: {asked}, and the cluster has {held} now{on_nodes}; training starts when nodes join "
+          "(an autoscaler adds them; Ctrl-C to stop)", flush=True)
 
 
 def resolve_store(cfg: Config, store: str | Path | Location | None) -> Location:
