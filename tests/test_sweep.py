@@ -166,8 +166,9 @@ def tone_store(tmp_path_factory, ray_local):
 def test_workers_the_local_ray_cannot_hold_are_refused_before_anything_is_written(job, tmp_path, tone_store):
     # Train would wait for them for good, saying nothing. More GPUs than the machine has, whatever it has.
     gpus = ray.cluster_resources().get("GPU", 0.0)
+    machine = f"2 CPUs and {gpus:g} GPU{'' if gpus == 1 else 's'}"
     cases = {"pretrain": (["run.workers=3"], f"run.workers: 3 workers x 1 CPU do not fit the local Ray (this machine: "
-                                             f"2 CPUs and {gpus:g} GPUs), and Train would wait for them for good"),
+                                             f"{machine}), and Train would wait for them for good"),
              "finetune": ([f"run.gpus_per_worker={gpus + 1:g}"], f"run.gpus_per_worker: 1 worker x 1 CPU and "
                                                                  f"{gpus + 1:g} GPU do not fit the local Ray"),
              "sweep": (["run.workers=2"], "run.workers: 2 workers x 1 CPU (and 0.1 CPU for the trial's own process) "

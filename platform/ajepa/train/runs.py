@@ -340,7 +340,7 @@ def check_cluster_room(plan: RunPlan, driver_cpus: float = 0.0) -> None:
     asked = f"{run.workers} worker{'s' if run.workers > 1 else ''} x {run.cpus_per_worker:g} CPU" + (
         f" and {run.gpus_per_worker:g} GPU" if run.gpus_per_worker else "") + (
         f" (and {driver_cpus:g} CPU for the trial's own process)" if driver_cpus else "")
-    held = f"{have.get('CPU', 0.0):g} CPUs and {have.get('GPU', 0.0):g} GPUs"
+    held = _resources_text(have)
     if cluster_address()[0] is None:  # one node: its total is what a worker's bundle can use
         key = "run.gpus_per_worker" if have.get("GPU", 0.0) + 1e-9 < need["GPU"] else "run.workers"
         raise ConfigError(f"{key}: {asked} do not fit the local Ray (this machine: {held}), and Train would wait "
@@ -350,10 +350,15 @@ def check_cluster_room(plan: RunPlan, driver_cpus: float = 0.0) -> None:
     on_nodes = ""
     if in_total or places == 0:  # the nodes, not only the total, keep the workers out
         largest = max(nodes, key=lambda node: (node.get("GPU", 0.0), node.get("CPU", 0.0)))
-        on_nodes = (f", on nodes that hold {places} of those workers (the largest has {largest.get('CPU', 0.0):g} "
-                    f"CPUs and {largest.get('GPU', 0.0):g} GPUs)")
+        on_nodes = f", on nodes that hold {places} of those workers (the largest has {_resources_text(largest)})"
     print(f"waiting for room: {asked}, and the cluster has {held} now{on_nodes}; training starts when nodes join "
           "(an autoscaler adds them; Ctrl-C to stop)", flush=True)
+
+
+def _resources_text(resources: dict[str, float]) -> str:
+    """`2 CPUs and 1 GPU`: a node's or a cluster's CPUs and GPUs."""
+    cpus, gpus = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
+    return f"{cpus:g} CPU{'' if cpus == 1 else 's'} and {gpus:g} GPU{'' if gpus == 1 else 's'}"
 
 
 def resolve_store(cfg: Config, store: str | Path | Location | None) -> Location:
