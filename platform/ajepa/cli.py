@@ -36,7 +36,8 @@ space_path = _path_or_shipped(SPACE_DIR, "search space")  # mask_curriculum, fin
 
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=config_path, default=config_path("tiny"),
-                        help="YAML config or a shipped config's name: tiny (default, CPU), small, base, large")
+                        help="YAML config or a shipped config's name: tiny (default, CPU), demo, demo-long (the "
+                             "demo's, on CPU), small, base, large (GPUs)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one config value, e.g. --set optim.lr=1e-3 (repeatable)")
     parser.add_argument("--out", default=None,
