@@ -14,6 +14,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pytest
+import ray
 import torch
 from ajepa import data, order, storage
 from ajepa.config import ConfigError, load_config
@@ -260,8 +261,11 @@ def test_killed_worker_is_restarted_and_the_run_completes(tmp_path, small_store,
     stats = data.read_stats(small_store)
     model = load_model(result.run_dir)
     assert (model.mean, model.std, model.window_frames) == (stats["mean"], stats["std"], 128)
-    # A local Ray (runtime.init_ray) has no node to lose to preemption: Train starts no watcher for one.
-    assert not list_actors(filters=[("class_name", "=", "PreemptionWatcher")])
+    # A local Ray (runtime.init_ray) has no node to lose to preemption: Train starts no watcher for one. The
+    # session's Ray by its address: without one, list_actors guesses among every Ray running on the machine.
+    watchers = list_actors(address=ray.get_runtime_context().gcs_address,
+                           filters=[("class_name", "=", "PreemptionWatcher")])
+    assert not watchers
 
 
 class _StepOnly:
