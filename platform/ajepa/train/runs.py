@@ -450,9 +450,6 @@ class RunPlan:
     start_step: int = 0  # a resumed run's last checkpoint: where it continues
     changes: dict[str, tuple[Any, Any]] = field(default_factory=dict)  # key -> (the run's value, the resume's)
 
-    def changes_text(self) -> str:
-        return changes_text(self.changes)
-
     @property
     def finishing(self) -> bool:
         """A resumed training run whose last checkpoint is its last step: it was stopped after it, before its export
@@ -465,7 +462,7 @@ class RunPlan:
             return ""
         finish = ": its last step, so it only finishes (the export)" if self.finishing else ""
         return (f", resumed at step {self.start_step}{finish}"
-                + (f" ({self.changes_text()})" if self.changes else ""))
+                + (f" ({changes_text(self.changes)})" if self.changes else ""))
 
     @property
     def run_dir(self) -> Location:
@@ -473,6 +470,7 @@ class RunPlan:
 
 
 def changes_text(changes: dict[str, tuple[Any, Any]]) -> str:
+    """`key before -> after; ...`: a resume's changes to its run's config."""
     return "; ".join(f"{key} {before} -> {after}" for key, (before, after) in changes.items())
 
 
@@ -579,7 +577,7 @@ def open_run(plan: RunPlan, store: Location, params: dict[str, Any], record: dic
         elif plan.changes:
             # The resume's overrides are the run's config from its checkpoint on, so a later --resume continues
             # with them; the MLflow params keep the values the run started with, and a tag says what changed when.
-            tracker.set_tags({f"ajepa.changed_at_step_{plan.start_step}": plan.changes_text()})
+            tracker.set_tags({f"ajepa.changed_at_step_{plan.start_step}": changes_text(plan.changes)})
             plan.record["config"] = plan.cfg.to_dict()
             _save_config(plan, tracker)
         yield tracker
